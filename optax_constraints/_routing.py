@@ -1,0 +1,155 @@
+"""Labels + constraints -> one checked plan: which leaf is projected by what.
+
+`route` is the single place where a labels tree meets a `constraints` mapping;
+`project`'s `init`, `apply_constraints`, the violation monitor and the routing
+report all go through it, so they agree and fail with the same messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+
+from optax_constraints import constraints as C
+from optax_constraints._labels import Leaf, resolve_labels
+
+PyTree = Any
+Constraints = Mapping[Hashable, Any] | C.Constraint | Callable
+
+
+@dataclass(frozen=True)
+class Route:
+    """One parameter leaf and the constraint it gets (`None`: unconstrained)."""
+
+    leaf: Leaf
+    label: Hashable
+    constraint: C.Constraint | None
+
+
+def as_constraint(obj) -> C.Constraint | None:
+    """A `Constraint` from anything `oc.get` accepts; plain callables get wrapped."""
+    obj = C.get(obj)
+    if obj is None or isinstance(obj, C.Constraint):
+        return obj
+    return C.FunctionConstraint(obj)
+
+
+def normalize(constraints: Constraints, param_labels) -> tuple[dict, Any]:
+    """`(label -> Constraint mapping, labels)`; a lone constraint labels every leaf."""
+    if not isinstance(constraints, Mapping):
+        if param_labels is not None:
+            raise TypeError(
+                "constraints must be a mapping label -> constraint when param_labels is"
+                f" given; got {constraints!r}. Example: oc.project({{'kernel':"
+                " oc.MaxNorm(3.0)}, oc.label_by_path({'**/kernel': 'kernel'}))."
+            )
+        return {"__all__": as_constraint(constraints)}, "__all__"
+    if param_labels is None:
+        raise TypeError(
+            "param_labels is required when constraints is a mapping: pass a labels"
+            " pytree or a callable such as oc.label_by_path({'**/kernel': 'kernel'})."
+        )
+    return {label: as_constraint(c) for label, c in constraints.items()}, param_labels
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(getattr(x, "shape", ()))
+
+
+def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = True) -> list[Route]:
+    """Pairs every array leaf with its constraint, checking the pairing.
+
+    With `check=True` (at `init`), raises `ValueError` naming the leaf's path and
+    shape when a label is not in `constraints`, a constrained leaf is not a
+    floating-point array, or the constraint does not fit the leaf (e.g. an
+    `axis` out of range).
+    """
+    routes = []
+    for leaf, label in resolve_labels(params, param_labels):
+        if label is None:
+            routes.append(Route(leaf, None, None))
+            continue
+        try:
+            constraint = constraints[label]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"The parameter at '{leaf.path_str}' (shape {_shape(leaf.value)}) has label"
+                f" {label!r}, which is not a key of constraints. Labels used:"
+                f" {sorted(map(repr, _labels_used(params, param_labels)))}; constraints"
+                f" keys: {sorted(map(repr, constraints))}. Add {label!r} to constraints or"
+                " label the leaf None to leave it unconstrained."
+            ) from None
+        if check and constraint is not None:
+            _check(leaf, label, constraint)
+        routes.append(Route(leaf, label, constraint))
+    return routes
+
+
+def _labels_used(params, param_labels) -> set:
+    return {label for _, label in resolve_labels(params, param_labels) if label is not None}
+
+
+def _check(leaf: Leaf, label, constraint: C.Constraint) -> None:
+    shape, dtype = _shape(leaf.value), getattr(leaf.value, "dtype", None)
+    where = f"the parameter at '{leaf.path_str}' (shape {shape}, dtype {dtype}, label {label!r})"
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{constraint!r} cannot constrain {where}: constraints apply to floating-point"
+            " arrays. Label this leaf None to leave it unconstrained."
+        )
+    try:
+        constraint.check_leaf(shape, dtype)
+    except ValueError as err:
+        raise ValueError(
+            f"{constraint!r} does not fit {where}: {err}. Choose an axis that exists for"
+            " this leaf (axis='fan_in' means every axis but the last), or route the leaf"
+            " to another label."
+        ) from None
+
+
+def routing_report(params: PyTree, constraints: Constraints, param_labels=None) -> str:
+    """A table of every leaf: path, shape, dtype, label and constraint.
+
+    Print it before training, the way you would `model.summary()`, to see that
+    every kernel and bias gets what you meant. Raises the same errors as
+    `project`'s `init`.
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    >>> print(oc.routing_report(params, {"k": oc.MaxNorm(3.0)},
+    ...                         oc.label_by_path({"**/kernel": "k"})))
+    path            shape   dtype    label  constraint
+    Dense_0/bias    (2,)    float32  -      -
+    Dense_0/kernel  (3, 2)  float32  'k'    MaxNorm(max_value=3.0, axis=0)
+    2 leaves, 1 constrained (6 of 8 values)
+    """
+    mapping, labels = normalize(constraints, param_labels)
+    routes = route(params, mapping, labels)
+    rows = [("path", "shape", "dtype", "label", "constraint")]
+    constrained = total = size_c = 0
+    for r in routes:
+        shape = _shape(r.leaf.value)
+        size = int(jnp.size(r.leaf.value)) if shape else 1
+        total += size
+        on = r.constraint is not None
+        constrained += on
+        size_c += size if on else 0
+        rows.append(
+            (
+                r.leaf.path_str,
+                str(shape),
+                str(getattr(r.leaf.value, "dtype", "-")),
+                repr(r.label) if on else "-",
+                repr(r.constraint) if on else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(
+        f"{len(routes)} leaves, {constrained} constrained ({size_c} of {total} values)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""The Optax glue: `project` (a `GradientTransformation`) and `apply_constraints`."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_constraints._routing import Constraints, Route, normalize, route
+
+PyTree = Any
+
+NO_PARAMS_MSG = optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG") else (
+    "You are using a transformation that requires the current value of"
+    " parameters, but you are not passing `params` when calling `update`."
+)
+
+
+class ProjectState(NamedTuple):
+    """State of `project`.
+
+    Attributes:
+      count: number of `update` calls so far (int32); schedules read it.
+      constraint_states: per-leaf state of stateful constraints, keyed by the
+        leaf's "/"-joined path (empty when every constraint is stateless).
+    """
+
+    count: jax.Array
+    constraint_states: dict[str, PyTree]
+
+
+def project(
+    constraints: Constraints,
+    param_labels: PyTree | None = None,
+    *,
+    every_k_steps: int = 1,
+) -> optax.GradientTransformation:
+    """Projects the parameters onto their constraints after each update.
+
+    `update(updates, state, params)` returns `u'` such that
+    `optax.apply_updates(params, u')` equals `C(params + updates)` (up to
+    rounding) for every constrained leaf, where `C` is the leaf's constraint;
+    unconstrained leaves' updates come back untouched. This is what Keras's
+    `fit()` does with `kernel_constraint=...`, expressed as an update, so it
+    chains with any Optax optimizer. **Put it last in `optax.chain`**: anything
+    after it changes the update and can leave the feasible set.
+
+    Args:
+      constraints: mapping label -> constraint (an `oc.Constraint`, a name or
+        config `oc.get` accepts, any callable `w -> w`, or `None`). A single
+        constraint with `param_labels=None` applies to every leaf.
+      param_labels: pytree of labels with the params' structure (or a prefix
+        of it; `None` leaves are unconstrained), or a callable
+        `params -> labels` such as `oc.label_by_path(...)`.
+      every_k_steps: project on the k-th, 2k-th, ... update (counting from 1)
+        and pass updates through unchanged otherwise.
+
+    Returns:
+      An `optax.GradientTransformation` with state `ProjectState`.
+
+    Labels are checked once, in `init`: a label missing from `constraints`, a
+    labels tree that does not fit, an axis out of range or a non-float leaf
+    raise `ValueError` naming the leaf's path and shape.
+
+    Inside `optax.MultiSteps` the projection lands only on the steps that emit
+    an update (Keras projects after every micro-batch step).
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import optax_constraints as oc
+    >>> params = {"kernel": jnp.array([[3.0], [4.0]]), "bias": jnp.array([-1.0])}
+    >>> tx = optax.chain(
+    ...     optax.sgd(0.1),
+    ...     oc.project({"k": oc.MaxNorm(1.0), "b": oc.NonNeg()},
+    ...                {"kernel": "k", "bias": "b"}),
+    ... )
+    >>> state = tx.init(params)
+    >>> grads = {"kernel": jnp.zeros((2, 1)), "bias": jnp.ones(1)}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> np.asarray(new["kernel"], np.float64).round(4).tolist(), new["bias"].tolist()
+    ([[0.6], [0.8]], [0.0])
+    """
+    mapping, labels = normalize(constraints, param_labels)
+    if not (isinstance(every_k_steps, int) and every_k_steps >= 1):
+        raise ValueError(f"project: every_k_steps must be an int >= 1; got {every_k_steps!r}.")
+
+    def init_fn(params):
+        routes = route(params, mapping, labels, check=True)
+        states = {}
+        for r in routes:
+            if r.constraint is not None:
+                s = r.constraint.init_state(jnp.asarray(r.leaf.value))
+                if s is not None:
+                    states[r.leaf.path_str] = s
+        return ProjectState(jnp.zeros([], jnp.int32), states)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(NO_PARAMS_MSG)
+        routes = [r for r in route(params, mapping, labels, check=False) if r.constraint]
+        flat_updates, treedef = jax.tree.flatten(updates)
+        flat_params = jax.tree.leaves(params)
+        if len(flat_updates) != len(flat_params):
+            raise ValueError(
+                f"project: updates have {len(flat_updates)} leaves but params have"
+                f" {len(flat_params)}; pass the same structure for both."
+            )
+
+        def projected(operands):
+            flat_u, states = operands
+            flat_u, states = list(flat_u), dict(states)
+            for r in routes:
+                i, key = r.leaf.index, r.leaf.path_str
+                flat_u[i], new_state = r.constraint.project_update(
+                    flat_params[i], flat_u[i], states.get(key), state.count
+                )
+                if key in states:
+                    states[key] = new_state
+            return flat_u, states
+
+        operands = (flat_updates, state.constraint_states)
+        if every_k_steps == 1:
+            flat_updates, states = projected(operands)
+        else:
+            due = (state.count + 1) % every_k_steps == 0
+            flat_updates, states = jax.lax.cond(due, projected, lambda ops: ops, operands)
+        new_count = optax.safe_int32_increment(state.count)
+        return jax.tree.unflatten(treedef, flat_updates), ProjectState(new_count, states)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _routes(params, constraints, param_labels) -> list[Route]:
+    mapping, labels = normalize(constraints, param_labels)
+    return route(params, mapping, labels, check=True)
+
+
+def apply_constraints(
+    params: PyTree, constraints: Constraints, param_labels: PyTree | None = None
+) -> PyTree:
+    """Projects a parameter tree directly: each constrained leaf `w` -> `C(w)`.
+
+    Use it once on freshly initialised parameters so training starts
+    feasible, or after loading a checkpoint. Low-precision leaves are projected
+    in float32 and rounded once. Stateful constraints use their own exact form
+    (`__call__`).
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> oc.apply_constraints({"w": jnp.array([-1.0, 2.0])}, oc.NonNeg())
+    {'w': Array([0., 2.], dtype=float32)}
+    """
+    routes = _routes(params, constraints, param_labels)
+    flat, treedef = jax.tree.flatten(params)
+    for r in routes:
+        if r.constraint is not None:
+            w = flat[r.leaf.index]
+            flat[r.leaf.index] = r.constraint(w).astype(w.dtype)
+    return jax.tree.unflatten(treedef, flat)
+
+
+def constraint_violations(
+    params: PyTree, constraints: Constraints, param_labels: PyTree | None = None
+) -> dict[Hashable, jax.Array]:
+    """Per label, the largest violation over its leaves (0 when feasible).
+
+    Pure and jittable: cheap enough to log every step. The measure is each
+    constraint's `violation(w)`: the norm excess for `MaxNorm`, the most
+    negative entry for `NonNeg`, `max |w - C(w)|` by default.
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> params = {"kernel": jnp.array([[3.0], [4.0]]), "bias": jnp.array([-0.5])}
+    >>> v = oc.constraint_violations(params, {"k": oc.MaxNorm(2.0), "b": oc.NonNeg()},
+    ...                              {"kernel": "k", "bias": "b"})
+    >>> {k: round(float(x), 3) for k, x in v.items()}
+    {'b': 0.5, 'k': 3.0}
+    """
+    out: dict[Hashable, jax.Array] = {}
+    for r in _routes(params, constraints, param_labels):
+        if r.constraint is None:
+            continue
+        v = jnp.asarray(r.constraint.violation(r.leaf.value), jnp.float32)
+        out[r.label] = jnp.maximum(out[r.label], v) if r.label in out else v
+    return dict(sorted(out.items(), key=lambda kv: repr(kv[0])))

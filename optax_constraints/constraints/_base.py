@@ -1,0 +1,219 @@
+"""The `Constraint` base class: Keras's surface plus what `project` needs.
+
+Keras's whole contract is `__call__(w) -> w`, `get_config()` and
+`from_config(config)`; a subclass that overrides only `__call__` works
+everywhere here. Three optional hooks let richer constraints plug into the
+Optax transform without changing that contract:
+
+* `check_leaf(shape, dtype)` rejects a leaf the constraint cannot handle, at
+  `init` time (the transform adds the leaf's path to the message);
+* `init_state(w)` / `apply(w, state, step)` carry per-leaf state across steps
+  (stateless constraints return `None` and cost nothing);
+* numeric hyper-parameters listed in `schedulable` may be Optax schedules
+  (callables of the step count), resolved by `at_step(step)`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_constraints.projections import compute_dtype
+
+PyTree = Any
+
+
+def is_python_number(value) -> bool:
+    """True for concrete Python/NumPy real numbers (not arrays, tracers, callables)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_schedule(value) -> bool:
+    """True for a hyper-parameter given as a schedule (a callable of the step)."""
+    return callable(value) and not isinstance(value, jax.Array)
+
+
+def _hashable(value):
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    if isinstance(value, jax.Array):  # arrays hash by identity, never by value
+        return ("id", id(value))
+    return value
+
+
+class Constraint:
+    """Base class for weight constraints: a projection `w -> w'`.
+
+    Subclass it and override `__call__` (and `get_config` if the constructor
+    takes arguments), exactly as with `keras.constraints.Constraint`. The base
+    class itself is the identity.
+
+    Instances are hashable and compare equal when their class and config are
+    equal, so they can be static arguments to `jax.jit`.
+
+    Example (the custom constraint from the Keras guide):
+
+    >>> import jax.numpy as jnp
+
+from optax_constraints.projections import compute_dtype
+    >>> import optax_constraints as oc
+    >>> class CenterAround(oc.Constraint):
+    ...     def __init__(self, ref_value):
+    ...         self.ref_value = ref_value
+    ...     def __call__(self, w):
+    ...         return w - jnp.mean(w) + self.ref_value
+    ...     def get_config(self):
+    ...         return {"ref_value": self.ref_value}
+    >>> CenterAround(1.0)(jnp.array([0.0, 2.0]))
+    Array([0., 2.], dtype=float32)
+    >>> CenterAround.from_config({"ref_value": 1.0})
+    CenterAround(ref_value=1.0)
+    """
+
+    #: Names of constructor arguments that may be Optax schedules.
+    schedulable: tuple[str, ...] = ()
+
+    def __call__(self, w: jax.Array) -> jax.Array:
+        """Projects `w` (the base class returns it unchanged)."""
+        return w
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, as a JSON-friendly dict."""
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Constraint:
+        """Rebuilds a constraint from `get_config()`'s output."""
+        return cls(**config)
+
+    # -- hooks used by `project` (all optional for subclasses) ---------------
+
+    def check_leaf(self, shape: tuple[int, ...], dtype) -> None:
+        """Raises `ValueError` (reason only) if a leaf cannot take this constraint."""
+        del shape, dtype
+
+    def init_state(self, w: jax.Array) -> PyTree:
+        """Per-leaf state kept by `project` across steps; `None` = stateless."""
+        del w
+        return None
+
+    def apply(self, w: jax.Array, state: PyTree, step: jax.Array) -> tuple[jax.Array, PyTree]:
+        """Projects `w` at optimizer step `step` given its state: `(w', state')`."""
+        return self.at_step(step)(w), state
+
+    def project_update(
+        self, param: jax.Array, update: jax.Array, state: PyTree, step: jax.Array
+    ) -> tuple[jax.Array, PyTree]:
+        """The update `u'` with `param + u' == apply(param + update)` up to rounding.
+
+        Computed in float32 for bfloat16/float16 leaves. Subclasses override
+        this when an exact update-space form exists (see `NonNeg`).
+        """
+        dtype = compute_dtype(param.dtype)
+        param_c = param.astype(dtype)
+        target, state = self.apply(param_c + update.astype(dtype), state, step)
+        return (target - param_c).astype(update.dtype), state
+
+    def violation(self, w: jax.Array) -> jax.Array:
+        """How far `w` is from feasible: `max |w - C(w)|` (0 when feasible).
+
+        Subclasses with a cheaper exact measure override it.
+        """
+        w = jnp.asarray(w)
+        dtype = compute_dtype(w.dtype)
+        diff = jnp.abs(self(w).astype(dtype) - w.astype(dtype))
+        return jnp.max(diff, initial=0.0)
+
+    def at_step(self, step) -> Constraint:
+        """This constraint with every schedule evaluated at `step`.
+
+        Returns `self` when no hyper-parameter is a schedule.
+
+        >>> import optax
+        >>> import optax_constraints as oc
+        >>> c = oc.MaxNorm(optax.linear_schedule(4.0, 1.0, 10))
+        >>> float(c.at_step(10).max_value)
+        1.0
+        """
+        config = self.get_config()
+        scheduled = {k: config[k](step) for k in self.schedulable if is_schedule(config.get(k))}
+        if not scheduled:
+            return self
+        return type(self).from_config({**config, **scheduled})
+
+    # -- value semantics -----------------------------------------------------
+
+    def _key(self):
+        return (type(self), _hashable(self.get_config()))
+
+    def __eq__(self, other):
+        if not isinstance(other, Constraint):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class FunctionConstraint(Constraint):
+    """Wraps any callable `w -> w` so it can be routed like a `Constraint`.
+
+    `project` does this for you when a plain function appears in its
+    `constraints` mapping.
+
+    >>> import jax.numpy as jnp
+
+from optax_constraints.projections import compute_dtype
+    >>> import optax_constraints as oc
+    >>> c = oc.FunctionConstraint(jnp.abs)
+    >>> c(jnp.array([-1.0, 2.0]))
+    Array([1., 2.], dtype=float32)
+    """
+
+    def __init__(self, fn: Callable[[jax.Array], jax.Array]):
+        if not callable(fn):
+            raise TypeError(f"FunctionConstraint needs a callable w -> w; got {fn!r}.")
+        self.fn = fn
+
+    def __call__(self, w):
+        return self.fn(w)
+
+    def get_config(self):
+        return {"fn": self.fn}
+
+    def __repr__(self):
+        return f"FunctionConstraint({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+def check_number(name: str, value, *, low=None, high=None, owner: str = "") -> None:
+    """Validates a Python-number hyper-parameter at construction.
+
+    Arrays, tracers and schedules pass untouched: they are never branched on.
+    """
+    if is_schedule(value) or (hasattr(value, "dtype") and not is_python_number(value)):
+        return
+    if not is_python_number(value):
+        raise TypeError(
+            f"{owner}: {name} must be a number, a JAX array or an Optax schedule;"
+            f" got {value!r} of type {type(value).__name__}."
+        )
+    if value != value:
+        raise ValueError(f"{owner}: {name} must not be NaN; got {name}={value!r}.")
+    if low is not None and value < low:
+        raise ValueError(f"{owner}: {name} must be >= {low}; got {name}={value!r}.")
+    if high is not None and value > high:
+        raise ValueError(f"{owner}: {name} must be <= {high}; got {name}={value!r}.")

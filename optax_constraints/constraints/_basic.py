@@ -1,0 +1,253 @@
+"""Keras's four constraints, plus the box and the Keras guide's `CenterAround`.
+
+Names, defaults, `get_config` keys and float32 numerics are Keras 3's; the
+lower-case aliases are the same classes, as in `keras.constraints`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from optax_constraints import projections as P
+from optax_constraints.constraints._base import Constraint, check_number, is_python_number
+
+
+def _float(w):
+    w = jnp.asarray(w)
+    return w.astype(P.compute_dtype(w.dtype))
+
+
+def _config_axis(axis):
+    return list(axis) if isinstance(axis, tuple) else axis
+
+
+class _AxisConstraint(Constraint):
+    """A constraint whose `axis` names the axes of one unit."""
+
+    axis: object
+
+    def check_leaf(self, shape, dtype):
+        P.resolve_axis(self.axis, len(shape))
+
+
+class MaxNorm(_AxisConstraint):
+    """Caps the norm of the weights incident to each unit at `max_value`.
+
+    Keras's `MaxNorm`: `w * clip(norms, 0, max_value) / (1e-7 + norms)`, the
+    norm taken over `axis` (for a Dense kernel `(in, out)`, `axis=0` means one
+    norm per output unit; `axis="fan_in"` means the same for Dense and Conv).
+
+    Args:
+      max_value: largest norm per unit (>= 0; number, array or schedule).
+      axis: int, tuple/list of ints, negative ints, `None` or `"fan_in"`.
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax_constraints as oc
+    >>> np.asarray(oc.MaxNorm(max_value=1.0)(jnp.array([[3.0, 0.5], [4.0, 0.0]])), np.float64).round(4).tolist()
+    [[0.6, 0.5], [0.8, 0.0]]
+
+    References:
+      Srivastava et al., Dropout: A Simple Way to Prevent Neural Networks from
+      Overfitting, JMLR 15, 2014.
+    """
+
+    schedulable = ("max_value",)
+
+    def __init__(self, max_value=2, axis=0):
+        check_number("max_value", max_value, low=0, owner="MaxNorm")
+        self.max_value = max_value
+        self.axis = P.canonical_axis(axis)
+
+    def __call__(self, w):
+        c = self.at_step(0)
+        return P.max_norm(w, c.max_value, c.axis)
+
+    def get_config(self):
+        return {"max_value": self.max_value, "axis": _config_axis(self.axis)}
+
+    def violation(self, w):
+        """The largest amount by which a unit's norm exceeds `max_value`."""
+        c = self.at_step(0)
+        excess = P.unit_norms(_float(w), c.axis) - c.max_value
+        return jnp.max(jnp.maximum(excess, 0), initial=0.0)
+
+
+class MinMaxNorm(_AxisConstraint):
+    """Keeps the norm of each unit in `[min_value, max_value]`.
+
+    Keras's `MinMaxNorm`: the norm moves to
+    `rate * clip(norm, min_value, max_value) + (1 - rate) * norm`; `rate=1`
+    enforces the interval at once, smaller rates approach it gradually.
+
+    Args:
+      min_value: smallest norm per unit (>= 0).
+      max_value: largest norm per unit (>= min_value).
+      rate: in `[0, 1]`.
+      axis: axes of one unit.
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax_constraints as oc
+    >>> c = oc.MinMaxNorm(min_value=1.0, max_value=2.0)
+    >>> np.asarray(jnp.linalg.norm(c(jnp.array([[0.3, 6.0], [0.4, 8.0]])), axis=0), np.float64).round(4).tolist()
+    [1.0, 2.0]
+    """
+
+    schedulable = ("min_value", "max_value", "rate")
+
+    def __init__(self, min_value=0.0, max_value=1.0, rate=1.0, axis=0):
+        check_number("min_value", min_value, low=0, owner="MinMaxNorm")
+        check_number("max_value", max_value, low=0, owner="MinMaxNorm")
+        check_number("rate", rate, low=0, high=1, owner="MinMaxNorm")
+        if is_python_number(min_value) and is_python_number(max_value) and min_value > max_value:
+            raise ValueError(
+                f"MinMaxNorm: min_value must be <= max_value; got min_value={min_value!r},"
+                f" max_value={max_value!r}."
+            )
+        self.min_value = min_value
+        self.max_value = max_value
+        self.rate = rate
+        self.axis = P.canonical_axis(axis)
+
+    def __call__(self, w):
+        c = self.at_step(0)
+        return P.min_max_norm(w, c.min_value, c.max_value, c.rate, c.axis)
+
+    def get_config(self):
+        return {
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+            "rate": self.rate,
+            "axis": _config_axis(self.axis),
+        }
+
+    def violation(self, w):
+        """The largest distance of a unit's norm from `[min_value, max_value]`."""
+        c = self.at_step(0)
+        norms = P.unit_norms(_float(w), c.axis)
+        gap = jnp.maximum(c.min_value - norms, norms - c.max_value)
+        return jnp.max(jnp.maximum(gap, 0), initial=0.0)
+
+
+class UnitNorm(_AxisConstraint):
+    """Scales the weights incident to each unit to unit norm.
+
+    Keras's `UnitNorm`: `w / (1e-7 + norms)`. All-zero units stay zero.
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> oc.UnitNorm()(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
+    Array([[0.6, 0. ],
+           [0.8, 0. ]], dtype=float32)
+    """
+
+    def __init__(self, axis=0):
+        self.axis = P.canonical_axis(axis)
+
+    def __call__(self, w):
+        return P.unit_norm(w, self.axis)
+
+    def get_config(self):
+        return {"axis": _config_axis(self.axis)}
+
+
+class NonNeg(Constraint):
+    """Constrains the weights to be non-negative: `maximum(w, 0)`.
+
+    In `project`, the update is written as `where(p + u <= 0, -p, u)`, so after
+    `optax.apply_updates` no element is below zero, exactly, in every dtype.
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> oc.NonNeg()(jnp.array([-1.0, 0.5]))
+    Array([0. , 0.5], dtype=float32)
+    """
+
+    def __call__(self, w):
+        return P.non_neg(w)
+
+    def project_update(self, param, update, state, step):
+        del step
+        # p + (-p) is exactly +0.0 in IEEE arithmetic; p + u > 0 stays > 0 when
+        # optax.apply_updates casts it to the param dtype.
+        return jnp.where(param + update <= 0, -param, update), state
+
+    def violation(self, w):
+        return jnp.maximum(-jnp.min(jnp.asarray(w), initial=0), 0).astype(jnp.float32)
+
+
+class Clip(Constraint):
+    """Elementwise box: every weight in `[min_value, max_value]`.
+
+    Either bound may be `None` (unbounded on that side).
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> oc.Clip(-1.0, 1.0)(jnp.array([-3.0, 0.25, 2.0]))
+    Array([-1.  ,  0.25,  1.  ], dtype=float32)
+    """
+
+    schedulable = ("min_value", "max_value")
+
+    def __init__(self, min_value=None, max_value=None):
+        if min_value is not None:
+            check_number("min_value", min_value, owner="Clip")
+        if max_value is not None:
+            check_number("max_value", max_value, owner="Clip")
+        if is_python_number(min_value) and is_python_number(max_value) and min_value > max_value:
+            raise ValueError(
+                f"Clip: min_value must be <= max_value; got min_value={min_value!r},"
+                f" max_value={max_value!r}."
+            )
+        self.min_value = min_value
+        self.max_value = max_value
+
+    def __call__(self, w):
+        c = self.at_step(0)
+        return P.clip(w, c.min_value, c.max_value)
+
+    def get_config(self):
+        return {"min_value": self.min_value, "max_value": self.max_value}
+
+
+class CenterAround(Constraint):
+    """Shifts the weights so their mean is `ref_value` (the Keras guide's example).
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> oc.CenterAround(1.0)(jnp.array([0.0, 4.0]))
+    Array([-1.,  3.], dtype=float32)
+    """
+
+    schedulable = ("ref_value",)
+
+    def __init__(self, ref_value=0.0):
+        check_number("ref_value", ref_value, owner="CenterAround")
+        self.ref_value = ref_value
+
+    def __call__(self, w):
+        c = self.at_step(0)
+        return P.center_around(w, c.ref_value)
+
+    def get_config(self):
+        return {"ref_value": self.ref_value}
+
+
+max_norm = MaxNorm
+min_max_norm = MinMaxNorm
+non_neg = NonNeg
+unit_norm = UnitNorm
+
+__all__ = [
+    "CenterAround",
+    "Clip",
+    "MaxNorm",
+    "MinMaxNorm",
+    "NonNeg",
+    "UnitNorm",
+    "max_norm",
+    "min_max_norm",
+    "non_neg",
+    "unit_norm",
+]

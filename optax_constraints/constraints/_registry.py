@@ -1,0 +1,174 @@
+"""Names -> constraint classes: `get`, `serialize`, `deserialize`, `register`.
+
+Dicts have Keras's shape, `{"module", "class_name", "config",
+"registered_name"}`, and `deserialize` reads the ones Keras's own
+`keras.constraints.serialize` writes, so configs move both ways.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+from optax_constraints.constraints._base import Constraint
+
+MODULE = "optax_constraints"
+
+_BUILTINS: dict[str, type[Constraint]] = {}
+_CUSTOM: dict[str, type[Constraint]] = {}
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _add_builtin(cls: type[Constraint]) -> None:
+    _BUILTINS[cls.__name__] = cls
+    _BUILTINS[_snake_case(cls.__name__)] = cls
+
+
+def register(package: str = "Custom", name: str | None = None) -> Callable[[type], type]:
+    """Class decorator: makes a custom `Constraint` round-trip by name.
+
+    Like `keras.saving.register_keras_serializable`, the class is stored under
+    `"package>name"` (default name: the class name), which `serialize` writes
+    as `registered_name` and `get`/`deserialize` read back.
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> @oc.register(package="docs")
+    ... class Halve(oc.Constraint):
+    ...     def __call__(self, w):
+    ...         return w / 2
+    >>> oc.serialize(Halve())["registered_name"]
+    'docs>Halve'
+    >>> type(oc.deserialize(oc.serialize(Halve()))).__name__
+    'Halve'
+    """
+
+    def decorator(cls):
+        if not (inspect.isclass(cls) and issubclass(cls, Constraint)):
+            raise TypeError(
+                f"oc.register decorates subclasses of oc.Constraint; got {cls!r}."
+            )
+        key = f"{package}>{name or cls.__name__}"
+        _CUSTOM[key] = cls
+        cls._registered_name = key
+        return cls
+
+    return decorator
+
+
+def _registered_name(cls) -> str | None:
+    return cls.__dict__.get("_registered_name")
+
+
+def valid_names() -> list[str]:
+    """Every name `get` accepts, built-in and registered."""
+    return sorted(_BUILTINS) + sorted(_CUSTOM)
+
+
+def serialize(constraint: Constraint) -> dict[str, Any]:
+    """A constraint as a Keras-shaped dict.
+
+    >>> import optax_constraints as oc
+    >>> oc.serialize(oc.MaxNorm(3.0, axis=[0, 1]))
+    {'module': 'optax_constraints', 'class_name': 'MaxNorm', 'config': {'max_value': 3.0, 'axis': [0, 1]}, 'registered_name': None}
+    """
+    if not isinstance(constraint, Constraint):
+        raise TypeError(
+            f"oc.serialize takes an oc.Constraint; got {constraint!r}. Wrap a plain"
+            " function in a registered Constraint subclass to serialize it."
+        )
+    cls = type(constraint)
+    registered = _registered_name(cls)
+    return {
+        "module": MODULE if registered is None and cls.__name__ in _BUILTINS else cls.__module__,
+        "class_name": cls.__name__,
+        "config": constraint.get_config(),
+        "registered_name": registered,
+    }
+
+
+def _lookup(name: str, custom_objects: dict[str, Any] | None):
+    for table in (custom_objects or {}, _CUSTOM, _BUILTINS):
+        if name in table:
+            return table[name]
+    return None
+
+
+def _unknown(name) -> ValueError:
+    return ValueError(
+        f"Unknown constraint {name!r}. Valid names: {', '.join(valid_names())}."
+        " Register a custom class with @oc.register() or pass custom_objects."
+    )
+
+
+def deserialize(config: dict[str, Any] | str, custom_objects: dict[str, Any] | None = None):
+    """Rebuilds a constraint from `serialize`'s dict (or Keras's, or a name).
+
+    >>> import optax_constraints as oc
+    >>> oc.deserialize({"module": "keras.constraints", "class_name": "MaxNorm",
+    ...                 "config": {"max_value": 3.0, "axis": 0}, "registered_name": None})
+    MaxNorm(max_value=3.0, axis=0)
+    """
+    if isinstance(config, str):
+        cls = _lookup(config, custom_objects)
+        if cls is None:
+            raise _unknown(config)
+        return cls()
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ValueError(
+            "oc.deserialize expects a dict with a 'class_name' key (as written by"
+            f" oc.serialize or keras.constraints.serialize) or a name; got {config!r}."
+        )
+    cls = None
+    if config.get("registered_name"):
+        cls = _lookup(config["registered_name"], custom_objects)
+    if cls is None:
+        cls = _lookup(config["class_name"], custom_objects)
+    if cls is None:
+        raise _unknown(config.get("registered_name") or config["class_name"])
+    inner = config.get("config") or {}
+    return cls.from_config(dict(inner)) if hasattr(cls, "from_config") else cls(**inner)
+
+
+def get(identifier):
+    """Resolves anything that names a constraint, as `keras.constraints.get` does.
+
+    Accepts `None` (returns `None`), a snake_case or CamelCase name, a
+    serialized dict, a class (instantiated with its defaults), a `Constraint`
+    instance, a Keras constraint object (converted through its config) or any
+    other callable (returned as is).
+
+    >>> import optax_constraints as oc
+    >>> oc.get("max_norm")
+    MaxNorm(max_value=2, axis=0)
+    >>> oc.get("UnitNorm")
+    UnitNorm(axis=0)
+    >>> oc.get(None) is None
+    True
+    """
+    if identifier is None:
+        return None
+    if isinstance(identifier, Constraint):
+        return identifier
+    if isinstance(identifier, (dict, str)):
+        return deserialize(identifier)
+    if inspect.isclass(identifier):
+        if issubclass(identifier, Constraint):
+            return identifier()
+        raise ValueError(f"Could not interpret constraint identifier: {identifier!r}.")
+    keras_class = type(identifier).__module__.startswith("keras")
+    if keras_class and hasattr(identifier, "get_config"):
+        name = type(identifier).__name__
+        if name in _BUILTINS:
+            return _BUILTINS[name].from_config(identifier.get_config())
+    if callable(identifier):
+        return identifier
+    raise ValueError(
+        f"Could not interpret constraint identifier: {identifier!r}. Valid names:"
+        f" {', '.join(valid_names())}."
+    )

@@ -1,0 +1,21 @@
+"""Pure projection functions: one array in, one array out.
+
+Hyper-parameters are plain arguments (numbers, arrays or tracers); nothing
+here holds state or looks at pytrees, so every function is jit-, vmap- and
+grad-safe. The constraint classes in `optax_constraints` bind these.
+"""
+
+from optax_constraints.projections._axis import FAN_IN as FAN_IN
+from optax_constraints.projections._axis import AxisSpec as AxisSpec
+from optax_constraints.projections._axis import canonical_axis as canonical_axis
+from optax_constraints.projections._axis import resolve_axis as resolve_axis
+from optax_constraints.projections._norms import EPSILON as EPSILON
+from optax_constraints.projections._norms import center_around as center_around
+from optax_constraints.projections._norms import clip as clip
+from optax_constraints.projections._norms import compute_dtype as compute_dtype
+from optax_constraints.projections._norms import in_compute_dtype as in_compute_dtype
+from optax_constraints.projections._norms import max_norm as max_norm
+from optax_constraints.projections._norms import min_max_norm as min_max_norm
+from optax_constraints.projections._norms import non_neg as non_neg
+from optax_constraints.projections._norms import unit_norm as unit_norm
+from optax_constraints.projections._norms import unit_norms as unit_norms

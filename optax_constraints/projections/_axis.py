@@ -1,0 +1,97 @@
+"""What `axis` may be, and how it resolves against one array.
+
+An `axis` names the axes a norm reduces over: the weights "incident to one
+unit" are the slice that remains when every *other* axis is fixed.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Union
+
+FAN_IN = "fan_in"
+
+AxisSpec = Union[int, Sequence[int], None, str]
+"""An int, a tuple/list of ints (negative allowed), `None` (all axes) or
+`"fan_in"` (every axis but the last)."""
+
+AXIS_HELP = (
+    "axis must be an int, a tuple or list of distinct ints (negative ints count"
+    " from the end), None (all axes) or 'fan_in' (every axis but the last)"
+)
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def canonical_axis(axis: AxisSpec) -> int | tuple[int, ...] | None | str:
+    """Validates `axis` without knowing an array; returns a hashable form.
+
+    Lists become tuples so constraints stay hashable; ints stay ints.
+
+    >>> canonical_axis([0, 1])
+    (0, 1)
+    >>> canonical_axis("fan_in")
+    'fan_in'
+    """
+    if axis is None or axis == FAN_IN:
+        return axis
+    as_int = _as_int(axis)
+    if as_int is not None:
+        return as_int
+    if isinstance(axis, (tuple, list)):
+        ints = tuple(_as_int(a) for a in axis)
+        if any(a is None for a in ints):
+            raise ValueError(f"{AXIS_HELP}; got axis={axis!r}.")
+        if len(set(ints)) != len(ints):
+            raise ValueError(f"axis has a repeated entry: axis={axis!r}. {AXIS_HELP}.")
+        return ints
+    raise ValueError(f"{AXIS_HELP}; got axis={axis!r}.")
+
+
+def resolve_axis(axis: AxisSpec, ndim: int) -> tuple[int, ...]:
+    """The non-negative, sorted axes that `axis` names for an `ndim` array.
+
+    Raises `ValueError` if an axis is out of range (the message says why;
+    callers add the leaf's path).
+
+    >>> resolve_axis(-1, 3)
+    (2,)
+    >>> resolve_axis("fan_in", 4)
+    (0, 1, 2)
+    >>> resolve_axis(None, 2)
+    (0, 1)
+    """
+    axis = canonical_axis(axis)
+    if axis is None:
+        return tuple(range(ndim))
+    if axis == FAN_IN:
+        if ndim < 2:
+            raise ValueError(
+                f"axis='fan_in' needs an array with at least 2 dimensions (fan-in"
+                f" axes, then the output axis); this one has {ndim}. Use axis=None"
+                " to take the norm over the whole array, or route this leaf to"
+                " another constraint."
+            )
+        return tuple(range(ndim - 1))
+    axes = (axis,) if isinstance(axis, int) else axis
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis {a} is out of range for an array with {ndim} dimension(s)"
+                f" (valid: {-ndim}..{ndim - 1})"
+                if ndim
+                else f"axis {a} is out of range for a 0-d array; use axis=None"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis={axis!r} names the same dimension twice for ndim={ndim}")
+    return tuple(sorted(out))

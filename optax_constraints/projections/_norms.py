@@ -1,0 +1,234 @@
+"""Keras's norm and sign projections, and the elementwise box, as pure functions.
+
+Every function here maps one array to one array of the same shape and dtype.
+The float32 formulas are Keras 3's, term for term, so results agree with
+`keras.constraints` to the last bit or two; two things are added where Keras
+returns garbage:
+
+* a unit whose squared norm overflows (entries above ~1e19 in float32) gets its
+  norm from a rescaled sum instead of `inf` (Keras returns zeros or NaN);
+* the gradient of the norm at an all-zero unit is taken as zero instead of NaN.
+
+bfloat16 and float16 inputs are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from optax_constraints.projections._axis import AxisSpec, resolve_axis
+
+EPSILON = 1e-7
+"""Keras's `backend.epsilon()`: the norm-constraint denominators add it."""
+
+_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype a projection computes in for inputs of `dtype`.
+
+    >>> compute_dtype(jnp.bfloat16)
+    dtype('float32')
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype in _LOW_PRECISION:
+        return jnp.dtype(jnp.float32)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.result_type(float))
+    return dtype
+
+
+def in_compute_dtype(fn: Callable) -> Callable:
+    """Runs `fn(w, ...)` in `compute_dtype(w.dtype)` and casts the result back.
+
+    Integer inputs are promoted to the default float dtype and stay there,
+    as in Keras.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(w, *args, **kwargs):
+        w = jnp.asarray(w)
+        dtype = w.dtype
+        out = fn(w.astype(compute_dtype(dtype)), *args, **kwargs)
+        return out.astype(dtype) if dtype in _LOW_PRECISION else out
+
+    return wrapper
+
+
+def _safe_sqrt(x):
+    # sqrt(0) has an infinite derivative; route zeros through sqrt(1) so the
+    # gradient there is 0 (the forward value is unchanged: sqrt(0) == 0).
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def _rescaled_norms(w, axes, keepdims=True):
+    largest = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
+    scale = jnp.where(largest > 0, largest, 1)
+    scaled = w / scale
+    norms = scale * _safe_sqrt(jnp.sum(scaled * scaled, axis=axes, keepdims=True))
+    return norms if keepdims else jnp.squeeze(norms, axes)
+
+
+def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
+    """Euclidean norm of each unit: `sqrt(sum(w * w, axis, keepdims=True))`.
+
+    Same float32 bits as Keras's `ops.sqrt(ops.sum(ops.square(w), ...))`;
+    a unit whose sum of squares overflows is measured on a rescaled copy, so
+    the norm stays finite for finite inputs.
+
+    Args:
+      w: the array.
+      axis: the axes of one unit (see `resolve_axis`).
+
+    Returns:
+      An array with `w`'s rank (reduced axes kept with size 1).
+
+    >>> unit_norms(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
+    Array([[5., 0.]], dtype=float32)
+    """
+    w = jnp.asarray(w)
+    axes = resolve_axis(axis, w.ndim)
+    sumsq = jnp.sum(w * w, axis=axes, keepdims=True)
+    norms = _safe_sqrt(sumsq)
+    overflow = jnp.isinf(sumsq)
+    return jax.lax.cond(
+        jnp.any(overflow),
+        lambda: jnp.where(overflow, _rescaled_norms(w, axes), norms),
+        lambda: norms,
+    )
+
+
+@in_compute_dtype
+def max_norm(w: jax.Array, max_value=2, axis: AxisSpec = 0) -> jax.Array:
+    """Rescales each unit whose norm exceeds `max_value` down to it.
+
+    .. math:: w' = w \\cdot \\frac{\\mathrm{clip}(\\|w\\|, 0, m)}{\\epsilon + \\|w\\|}
+
+    with Keras's :math:`\\epsilon = 10^{-7}`, the norm taken over `axis`.
+
+    Args:
+      w: the weights.
+      max_value: largest allowed norm per unit (a number, array or tracer).
+      axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
+
+    Returns:
+      The projected weights, same shape and dtype.
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from optax_constraints.projections import max_norm
+    >>> np.asarray(max_norm(jnp.array([[3.0, 0.1], [4.0, 0.0]]), max_value=1.0), np.float64).round(4).tolist()
+    [[0.6, 0.1], [0.8, 0.0]]
+
+    References:
+      Srivastava et al., Dropout: a simple way to prevent neural networks from
+      overfitting, JMLR 2014 (section 5.1).
+    """
+    norms = unit_norms(w, axis)
+    desired = jnp.clip(norms, 0, max_value)
+    return w * (desired / (EPSILON + norms))
+
+
+@in_compute_dtype
+def min_max_norm(
+    w: jax.Array, min_value=0.0, max_value=1.0, rate=1.0, axis: AxisSpec = 0
+) -> jax.Array:
+    """Moves each unit's norm into `[min_value, max_value]` at speed `rate`.
+
+    .. math:: w' = w \\cdot \\frac{r\\,\\mathrm{clip}(\\|w\\|, a, b) + (1-r)\\|w\\|}
+       {\\epsilon + \\|w\\|}
+
+    `rate=1` enforces the interval strictly; smaller rates move the norm part
+    of the way each time. An all-zero unit stays zero (it has no direction).
+
+    Args:
+      w: the weights.
+      min_value: smallest allowed norm per unit.
+      max_value: largest allowed norm per unit.
+      rate: fraction of the way to move, in `[0, 1]`.
+      axis: axes of one unit.
+
+    Returns:
+      The projected weights, same shape and dtype.
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from optax_constraints.projections import min_max_norm
+    >>> np.asarray(min_max_norm(jnp.array([[0.3, 6.0], [0.4, 8.0]]), 1.0, 2.0), np.float64).round(4).tolist()
+    [[0.6, 1.2], [0.8, 1.6]]
+    """
+    norms = unit_norms(w, axis)
+    desired = rate * jnp.clip(norms, min_value, max_value) + (1 - rate) * norms
+    return w * (desired / (EPSILON + norms))
+
+
+@in_compute_dtype
+def unit_norm(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
+    """Divides each unit by its norm (plus Keras's epsilon).
+
+    .. math:: w' = \\frac{w}{\\epsilon + \\|w\\|}
+
+    An all-zero unit stays zero.
+
+    >>> import jax.numpy as jnp
+    >>> from optax_constraints.projections import unit_norm
+    >>> unit_norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
+    Array([[0.6, 0. ],
+           [0.8, 0. ]], dtype=float32)
+    """
+    norms = unit_norms(w, axis)
+    return w / (EPSILON + norms)
+
+
+def non_neg(w: jax.Array) -> jax.Array:
+    """Elementwise `maximum(w, 0)`: negative entries (and -0.0) become +0.0.
+
+    Exact in every dtype, so it needs no float32 round trip.
+
+    >>> import jax.numpy as jnp
+    >>> from optax_constraints.projections import non_neg
+    >>> non_neg(jnp.array([-1.0, -0.0, 2.0]))
+    Array([0., 0., 2.], dtype=float32)
+    """
+    w = jnp.asarray(w)
+    return jnp.maximum(w, jnp.zeros((), w.dtype))
+
+
+def clip(w: jax.Array, min_value=None, max_value=None) -> jax.Array:
+    """Elementwise box `[min_value, max_value]` (either bound may be `None`).
+
+    The Euclidean projection onto the box; exact in every dtype.
+
+    >>> import jax.numpy as jnp
+    >>> from optax_constraints.projections import clip
+    >>> clip(jnp.array([-2.0, 0.5, 3.0]), -1.0, 1.0)
+    Array([-1. ,  0.5,  1. ], dtype=float32)
+    """
+    w = jnp.asarray(w)
+    if min_value is not None:
+        w = jnp.maximum(w, jnp.asarray(min_value, w.dtype))
+    if max_value is not None:
+        w = jnp.minimum(w, jnp.asarray(max_value, w.dtype))
+    return w
+
+
+@in_compute_dtype
+def center_around(w: jax.Array, ref_value=0.0) -> jax.Array:
+    """Shifts `w` so its mean is `ref_value` (the Keras guide's custom example).
+
+    .. math:: w' = w - \\mathrm{mean}(w) + r
+
+    The Euclidean projection onto `{w : mean(w) = r}`.
+
+    >>> import jax.numpy as jnp
+    >>> from optax_constraints.projections import center_around
+    >>> center_around(jnp.array([1.0, 2.0, 6.0]), ref_value=1.0)
+    Array([-1.,  0.,  4.], dtype=float32)
+    """
+    mean = jnp.mean(w)
+    return w - mean + ref_value
