@@ -29,7 +29,7 @@ LABELS_HELP = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_variable_type(cls: type) -> bool:
     return any(
         base.__name__ == "Variable" and base.__module__.startswith("flax.nnx")
@@ -159,7 +159,7 @@ def _sample(paths, n: int = 6) -> str:
 # --- label_by_path -----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile_glob(pattern: str) -> re.Pattern:
     """A glob over "/"-joined paths: `*` within a segment, `**` any segments."""
     if not isinstance(pattern, str) or not pattern:

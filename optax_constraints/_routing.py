@@ -149,7 +149,5 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append(
-        f"{len(routes)} leaves, {constrained} constrained ({size_c} of {total} values)"
-    )
+    lines.append(f"{len(routes)} leaves, {constrained} constrained ({size_c} of {total} values)")
     return "\n".join(lines)

@@ -13,9 +13,13 @@ from optax_constraints._routing import Constraints, Route, normalize, route
 
 PyTree = Any
 
-NO_PARAMS_MSG = optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG") else (
-    "You are using a transformation that requires the current value of"
-    " parameters, but you are not passing `params` when calling `update`."
+NO_PARAMS_MSG = (
+    optax.NO_PARAMS_MSG
+    if hasattr(optax, "NO_PARAMS_MSG")
+    else (
+        "You are using a transformation that requires the current value of"
+        " parameters, but you are not passing `params` when calling `update`."
+    )
 )
 
 

@@ -50,9 +50,7 @@ def register(package: str = "Custom", name: str | None = None) -> Callable[[type
 
     def decorator(cls):
         if not (inspect.isclass(cls) and issubclass(cls, Constraint)):
-            raise TypeError(
-                f"oc.register decorates subclasses of oc.Constraint; got {cls!r}."
-            )
+            raise TypeError(f"oc.register decorates subclasses of oc.Constraint; got {cls!r}.")
         key = f"{package}>{name or cls.__name__}"
         _CUSTOM[key] = cls
         cls._registered_name = key

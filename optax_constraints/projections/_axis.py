@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Union
 
 FAN_IN = "fan_in"
 
-AxisSpec = Union[int, Sequence[int], None, str]
+AxisSpec = int | Sequence[int] | str | None
 """An int, a tuple/list of ints (negative allowed), `None` (all axes) or
 `"fan_in"` (every axis but the last)."""
 
@@ -31,7 +30,7 @@ def _as_int(value) -> int | None:
         return None
 
 
-def canonical_axis(axis: AxisSpec) -> int | tuple[int, ...] | None | str:
+def canonical_axis(axis: AxisSpec) -> int | tuple[int, ...] | str | None:
     """Validates `axis` without knowing an array; returns a hashable form.
 
     Lists become tuples so constraints stay hashable; ints stay ints.

@@ -66,14 +66,6 @@ def _safe_sqrt(x):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
-def _rescaled_norms(w, axes, keepdims=True):
-    largest = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-    scale = jnp.where(largest > 0, largest, 1)
-    scaled = w / scale
-    norms = scale * _safe_sqrt(jnp.sum(scaled * scaled, axis=axes, keepdims=True))
-    return norms if keepdims else jnp.squeeze(norms, axes)
-
-
 def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
     """Euclidean norm of each unit: `sqrt(sum(w * w, axis, keepdims=True))`.
 
@@ -94,13 +86,22 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
     w = jnp.asarray(w)
     axes = resolve_axis(axis, w.ndim)
     sumsq = jnp.sum(w * w, axis=axes, keepdims=True)
-    norms = _safe_sqrt(sumsq)
+    # A sibling sum over w * 2**-k shares the same pass over w (XLA fuses the
+    # two reductions), and is finite wherever sumsq overflows: scaling by a
+    # power of two is exact, so no branch and no second pass are needed.
+    k = _overflow_exponent(w.dtype)
+    scaled = w * jnp.asarray(2.0**-k, w.dtype)
+    sumsq_scaled = jnp.sum(scaled * scaled, axis=axes, keepdims=True)
     overflow = jnp.isinf(sumsq)
-    return jax.lax.cond(
-        jnp.any(overflow),
-        lambda: jnp.where(overflow, _rescaled_norms(w, axes), norms),
-        lambda: norms,
+    return jnp.where(
+        overflow, _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, w.dtype), _safe_sqrt(sumsq)
     )
+
+
+def _overflow_exponent(dtype) -> int:
+    # Half the exponent range: entries that overflow when squared come back
+    # into range, entries that underflow are negligible next to them.
+    return int(jnp.finfo(dtype).maxexp) // 2
 
 
 @in_compute_dtype
