@@ -99,7 +99,7 @@ def main(epochs: int = 30, batch_size: int = 64, seed: int = 0) -> dict:
     elapsed = time.perf_counter() - start
 
     # Show that the constraints hold on the trained model.
-    print("\nper-layer largest incoming-weight norm (bound %.1f):" % MAX_NORM)
+    print(f"\nper-layer largest incoming-weight norm (bound {MAX_NORM:.1f}):")
     norms = {}
     for name, layer in state.params.items():
         n = jnp.sqrt(jnp.sum(layer["kernel"] ** 2, axis=0))

@@ -4,8 +4,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 
 def keras_example_array() -> np.ndarray:
