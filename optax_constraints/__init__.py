@@ -29,9 +29,13 @@ from optax_constraints.constraints import CenterAround as CenterAround
 from optax_constraints.constraints import Clip as Clip
 from optax_constraints.constraints import Constraint as Constraint
 from optax_constraints.constraints import FunctionConstraint as FunctionConstraint
+from optax_constraints.constraints import L1Ball as L1Ball
 from optax_constraints.constraints import MaxNorm as MaxNorm
 from optax_constraints.constraints import MinMaxNorm as MinMaxNorm
 from optax_constraints.constraints import NonNeg as NonNeg
+from optax_constraints.constraints import Orthogonal as Orthogonal
+from optax_constraints.constraints import Simplex as Simplex
+from optax_constraints.constraints import SpectralNorm as SpectralNorm
 from optax_constraints.constraints import UnitNorm as UnitNorm
 from optax_constraints.constraints import deserialize as deserialize
 from optax_constraints.constraints import get as get

@@ -50,8 +50,19 @@ def _is_node_leaf(x) -> bool:
     return _is_empty(x) or is_variable(x)
 
 
+_KEY_ATTRS = {
+    jax.tree_util.DictKey: "key",
+    jax.tree_util.GetAttrKey: "name",
+    jax.tree_util.SequenceKey: "idx",
+    jax.tree_util.FlattenedIndexKey: "key",
+}
+
+
 def key_name(entry) -> str:
     """One path entry as a string segment: dict key, attribute name or index."""
+    attr = _KEY_ATTRS.get(type(entry))
+    if attr is not None:  # the common case, without hasattr's cost
+        return str(getattr(entry, attr))
     for attr in ("key", "name", "idx"):
         if hasattr(entry, attr):
             return str(getattr(entry, attr))
@@ -111,6 +122,9 @@ def _label_entries(labels: PyTree) -> dict[Path, Hashable]:
 def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
     """Pairs every array leaf of `params` with its label (`None` = unconstrained).
 
+    A label at path `p` covers every leaf whose path starts with `p`; the
+    longest such prefix wins. Runs in time linear in the total path length.
+
     Raises `ValueError`, naming the leaf path and shape, when the labels tree
     does not fit the params.
     """
@@ -130,24 +144,39 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
             raise ValueError(
                 f"No label for the parameter at '{leaf.path_str}' (shape"
                 f" {tuple(getattr(leaf.value, 'shape', ()))}): the labels tree does not"
-                f" fit the params. Label paths given: {_sample(entries)}. {LABELS_HELP}"
+                f" fit the params. Label paths given: {_sample(entries)}."
+                f"{_level_hint(leaf.path, entries)} {LABELS_HELP}"
             )
-    for path in entries:
-        if path in used:
-            continue
-        if any(_prefix_related(path, e) for e in empty):
-            continue  # points into a masked-out or None part of the params
-        raise ValueError(
-            f"The label at '{path_to_str(path)}' matches no parameter: the labels"
-            f" tree does not fit the params. Parameter paths: {_sample([lf.path for lf in leaves])}."
-            f" {LABELS_HELP}"
-        )
+    if len(used) < len(entries):
+        # A label may point into a None / MaskedNode part of the params: fine.
+        empty_set = set(empty)
+        empty_prefixes = {e[:cut] for e in empty for cut in range(len(e) + 1)}
+        for path in entries:
+            if path in used or path in empty_prefixes:
+                continue
+            if any(path[:cut] in empty_set for cut in range(len(path))):
+                continue
+            raise ValueError(
+                f"The label at '{path_to_str(path)}' matches no parameter: the labels tree"
+                f" does not fit the params. Parameter paths:"
+                f" {_sample([lf.path for lf in leaves])}."
+                f"{_level_hint(path, [lf.path for lf in leaves])} {LABELS_HELP}"
+            )
     return out
 
 
-def _prefix_related(a: Path, b: Path) -> bool:
-    n = min(len(a), len(b))
-    return a[:n] == b[:n]
+def _level_hint(path: Path, others) -> str:
+    """Spots the usual misfit: one tree has an extra top level (e.g. 'params')."""
+    others = set(others)
+    if len(path) > 1 and path[1:] in others:
+        return f" (Drop the top-level key {path[0]!r}: the other tree starts one level lower.)"
+    for other in others:
+        if len(other) == len(path) + 1 and other[1:] == path:
+            return (
+                f" (The other tree has an extra top-level key {other[0]!r}: pass the"
+                f" subtree under {other[0]!r}, or add that level.)"
+            )
+    return ""
 
 
 def _sample(paths, n: int = 6) -> str:
@@ -158,37 +187,68 @@ def _sample(paths, n: int = 6) -> str:
 
 # --- label_by_path -----------------------------------------------------------
 
+GLOB_HELP = (
+    "A rule is a glob over the '/'-joined key path of a leaf: '*' matches within"
+    " one segment, '?' one character, '**' any number of whole segments (none"
+    " included), e.g. '**/kernel', 'encoder/*/bias', 'Dense_0/**'."
+)
+
 
 @functools.cache
 def _compile_glob(pattern: str) -> re.Pattern:
-    """A glob over "/"-joined paths: `*` within a segment, `**` any segments."""
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"label_by_path: a rule must be a non-empty string; got {pattern!r}.")
-    parts = []
-    segments = pattern.strip("/").split("/")
+    """A glob over "/"-joined paths as a regular expression (cached per pattern)."""
+    if not isinstance(pattern, str) or not pattern.strip("/"):
+        raise ValueError(f"label_by_path: got the rule {pattern!r}. {GLOB_HELP}")
+    segments = []
+    for seg in pattern.strip("/").split("/"):
+        if not (seg == "**" and segments and segments[-1] == "**"):  # '**/**' is '**'
+            segments.append(seg)
+    last = len(segments) - 1
+    regex = []
     for i, seg in enumerate(segments):
-        last = i == len(segments) - 1
         if seg == "**":
-            parts.append(".*" if last else "(?:[^/]*/)*")
-        else:
-            regex = "".join(
-                "[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in seg
+            # Zero or more whole segments; this token carries the separators around it.
+            regex.append(
+                ".*"
+                if last == 0
+                else "(?:.*/)?"
+                if i == 0
+                else "(?:/.*)?"
+                if i == last
+                else "/(?:.*/)?"
             )
-            parts.append(regex + ("" if last else "/"))
-    return re.compile("".join(parts) + r"\Z", re.DOTALL)
+            continue
+        if i > 0 and segments[i - 1] != "**":
+            regex.append("/")
+        regex.append(
+            "".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in seg)
+        )
+    return re.compile("".join(regex) + r"\Z", re.DOTALL)
 
 
 def glob_match(pattern: str, path: str) -> bool:
-    """Whether a "/"-joined `path` matches a `label_by_path` rule.
+    """Whether a "/"-joined key `path` matches a `label_by_path` rule.
 
-    >>> glob_match("**/kernel", "Dense_0/kernel")
-    True
-    >>> glob_match("**/kernel", "kernel")
-    True
-    >>> glob_match("*/kernel", "block/Dense_0/kernel")
+    `*` matches any characters within one segment, `?` one character, and a
+    `**` segment any number of whole segments, none included. The whole path
+    must match.
+
+    Args:
+      pattern: the glob, e.g. `"**/kernel"`.
+      path: a "/"-joined key path, e.g. `"Dense_0/kernel"`.
+
+    Returns:
+      True when `pattern` matches all of `path`.
+
+    >>> import optax_constraints as oc
+    >>> oc.glob_match("**/kernel", "Dense_0/kernel"), oc.glob_match("**/kernel", "kernel")
+    (True, True)
+    >>> oc.glob_match("*/kernel", "block/Dense_0/kernel")
     False
-    >>> glob_match("block/**/b*", "block/a/b/bias")
-    True
+    >>> oc.glob_match("block/**", "block"), oc.glob_match("block/**/b*", "block/a/b/bias")
+    (True, True)
+    >>> oc.glob_match("Dense_?/kernel", "Dense_10/kernel")
+    False
     """
     return _compile_glob(pattern).match(path) is not None
 
@@ -198,58 +258,100 @@ def label_by_path(
 ) -> Callable[[PyTree], PyTree]:
     """Labels each leaf by the first glob rule its "/"-joined key path matches.
 
-    Paths join dict keys, attribute names and list indices with "/"; a Flax
-    NNX `Param` is addressed by its own path (no trailing `value`), so one rule
-    works for `nnx.Optimizer`'s `init` and `update` alike. `*` matches within
-    one segment and `**` any number of segments (including none); the first
-    matching rule wins; unmatched leaves get `default`.
+    A leaf's path joins its dict keys, attribute names (registered dataclasses,
+    `flax.struct.dataclass`) and list/tuple indices with "/", so
+    `{"Dense_0": {"kernel": w}}` gives `"Dense_0/kernel"` whether the container
+    is a dict, a `FrozenDict` or an `nnx.State`. A Flax NNX `Param` is
+    addressed by its own path (no trailing `value`), so one rule works for
+    `nnx.Optimizer`'s `init` (which sees `Param` leaves) and `update` (which
+    sees plain arrays). In a rule, `*` matches within one segment, `?` one
+    character and `**` any number of whole segments (including none); the
+    rules are tried in order and the first match wins; unmatched leaves get
+    `default`. `None` and `optax.MaskedNode` nodes stay as they are.
 
     Args:
-      rules: mapping glob pattern -> label (rules are tried in order).
+      rules: mapping glob pattern -> label, tried in order (a dict, or a list
+        of `(pattern, label)` pairs). A label of `None` leaves the leaf
+        unconstrained, which is how to carve exceptions out of a later rule.
       default: label for leaves no rule matches (`None`: unconstrained).
-      allow_unmatched: if False (default) a rule that matches no leaf raises
-        `ValueError` (usually a typo); set True when some trees legitimately
-        lack those leaves.
+      allow_unmatched: if False (default), a rule that labels no leaf raises
+        `ValueError`: one that matches no path (usually a typo; the message
+        lists some real paths) or one shadowed by earlier rules (usually an
+        ordering mistake). Set True when some trees legitimately lack those
+        leaves, e.g. one rule list shared by several models.
 
     Returns:
-      A function `params -> labels` (same structure as `params`), usable as
-      `param_labels` here and in `optax.partition`/`optax.multi_transform`.
+      A function `params -> labels` (the structure of `params`, labels at the
+      leaves), usable as `param_labels` here and in `optax.partition`.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
-    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
-    >>> oc.label_by_path({"**/kernel": "max_norm", "**/bias": "non_neg"})(params)
-    {'Dense_0': {'bias': 'non_neg', 'kernel': 'max_norm'}}
+    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+    ...           "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+    >>> labels = oc.label_by_path({"LayerNorm_*/**": None, "**/kernel": "max_norm",
+    ...                            "**/bias": "non_neg"})
+    >>> labels(params)
+    {'Dense_0': {'bias': 'non_neg', 'kernel': 'max_norm'}, 'LayerNorm_0': {'bias': None, 'scale': None}}
     """
     rules = dict(rules)
-    for pattern in rules:
-        _compile_glob(pattern)
+    compiled = [(pattern, _compile_glob(pattern), label) for pattern, label in rules.items()]
+    for pattern, _, label in compiled:
+        _check_hashable(label, f"the label of rule {pattern!r}")
+    _check_hashable(default, "default")
 
     def labels_fn(params: PyTree) -> PyTree:
-        matched: set[str] = set()
-        seen: list[str] = []
+        won: set[int] = set()  # rules that labelled some leaf
+        shadowed: dict[int, tuple[int, str]] = {}  # rule -> (earlier rule, a path it took)
+        shown: list[str] = []
+        count = 0
 
         def label_of(path, leaf):
-            if _is_empty(leaf):
-                return leaf
+            nonlocal count
             spath = path_to_str(tuple(key_name(e) for e in path))
-            seen.append(spath)
-            for pattern, label in rules.items():
-                if glob_match(pattern, spath):
-                    matched.add(pattern)
-                    return label
-            return default
+            count += 1
+            if len(shown) < 8:
+                shown.append(spath)
+            for i, (_, regex, label) in enumerate(compiled):
+                if regex.match(spath):
+                    won.add(i)
+                    # Later rules that never won yet: note if this path was theirs too.
+                    for j in range(i + 1, len(compiled) if not allow_unmatched else 0):
+                        if j not in won and j not in shadowed and compiled[j][1].match(spath):
+                            shadowed[j] = (i, spath)
+                    return leaf if _is_empty(leaf) else label
+            return leaf if _is_empty(leaf) else default
 
         labels = jax.tree_util.tree_map_with_path(label_of, params, is_leaf=_is_node_leaf)
-        unmatched = [p for p in rules if p not in matched]
-        if unmatched and not allow_unmatched and seen:
+        if allow_unmatched or not count or len(won) == len(compiled):
+            return labels
+        listed = ", ".join(repr(p) for p in shown)
+        more = f", ... ({count} in all)" if count > len(shown) else ""
+        dead = [i for i in range(len(compiled)) if i not in won]
+        unmatched = [compiled[i][0] for i in dead if i not in shadowed]
+        if unmatched:
             raise ValueError(
                 f"label_by_path: rule(s) {unmatched} match no parameter (a typo?)."
-                f" Parameter paths: {_sample([tuple(s.split('/')) for s in seen])}."
-                " Fix the pattern, or pass allow_unmatched=True if that is intended."
+                f" Parameter paths: {listed}{more}. Fix the pattern, or pass"
+                f" allow_unmatched=True if that is intended. {GLOB_HELP}"
             )
-        return labels
+        i = dead[0]
+        earlier, spath = shadowed[i]
+        raise ValueError(
+            f"label_by_path: rule {compiled[i][0]!r} never applies: every path it matches"
+            f" (e.g. {spath!r}) is taken first by the earlier rule {compiled[earlier][0]!r}"
+            " (the first matching rule wins). Put the more specific rule first, or pass"
+            " allow_unmatched=True if that is intended."
+        )
 
     labels_fn.rules = rules
     labels_fn.default = default
     return labels_fn
+
+
+def _check_hashable(label, what: str) -> None:
+    try:
+        hash(label)
+    except TypeError:
+        raise TypeError(
+            f"label_by_path: {what} must be hashable (a string, say); got {label!r}."
+        ) from None

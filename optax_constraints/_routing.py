@@ -7,6 +7,7 @@ report all go through it, so they agree and fail with the same messages.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,8 +115,23 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
     """A table of every leaf: path, shape, dtype, label and constraint.
 
     Print it before training, the way you would `model.summary()`, to see that
-    every kernel and bias gets what you meant. Raises the same errors as
-    `project`'s `init`.
+    every kernel and bias gets what you meant. Unconstrained leaves are listed
+    too, with `-` as their constraint (and as their label when they have none).
+    `params` may be concrete arrays or `jax.eval_shape` structs, and any tree
+    `project` accepts (dicts, `FrozenDict`, `nnx.State`, dataclasses, ...).
+
+    Args:
+      params: the parameter pytree.
+      constraints: as for `project`: mapping label -> constraint, or one
+        constraint for every leaf.
+      param_labels: as for `project`: labels pytree or callable.
+
+    Returns:
+      The table as a string, one row per array leaf in tree order, and a
+      summary line.
+
+    Raises:
+      ValueError: exactly the errors `project`'s `init` raises.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -133,7 +149,7 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
     constrained = total = size_c = 0
     for r in routes:
         shape = _shape(r.leaf.value)
-        size = int(jnp.size(r.leaf.value)) if shape else 1
+        size = math.prod(shape)
         total += size
         on = r.constraint is not None
         constrained += on
@@ -142,8 +158,8 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
             (
                 r.leaf.path_str,
                 str(shape),
-                str(getattr(r.leaf.value, "dtype", "-")),
-                repr(r.label) if on else "-",
+                str(getattr(r.leaf.value, "dtype", type(r.leaf.value).__name__)),
+                "-" if r.label is None else repr(r.label),
                 repr(r.constraint) if on else "-",
             )
         )

@@ -16,13 +16,29 @@ from optax_constraints.constraints._basic import max_norm as max_norm
 from optax_constraints.constraints._basic import min_max_norm as min_max_norm
 from optax_constraints.constraints._basic import non_neg as non_neg
 from optax_constraints.constraints._basic import unit_norm as unit_norm
+from optax_constraints.constraints._matrix import Orthogonal as Orthogonal
+from optax_constraints.constraints._matrix import SpectralNorm as SpectralNorm
 from optax_constraints.constraints._registry import _add_builtin
 from optax_constraints.constraints._registry import deserialize as deserialize
 from optax_constraints.constraints._registry import get as get
 from optax_constraints.constraints._registry import register as register
 from optax_constraints.constraints._registry import serialize as serialize
 from optax_constraints.constraints._registry import valid_names as valid_names
+from optax_constraints.constraints._simplex import L1Ball as L1Ball
+from optax_constraints.constraints._simplex import Simplex as Simplex
 
-for _cls in (Constraint, MaxNorm, MinMaxNorm, NonNeg, UnitNorm, Clip, CenterAround):
+for _cls in (
+    Constraint,
+    MaxNorm,
+    MinMaxNorm,
+    NonNeg,
+    UnitNorm,
+    Clip,
+    CenterAround,
+    L1Ball,
+    Simplex,
+    SpectralNorm,
+    Orthogonal,
+):
     _add_builtin(_cls)
 del _cls

@@ -1,0 +1,108 @@
+"""Per-unit L1 ball and simplex constraints (beyond Keras)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from optax_constraints import projections as P
+from optax_constraints.constraints._base import check_number, is_python_number
+from optax_constraints.constraints._basic import _AxisConstraint, _config_axis, _float
+
+
+class L1Ball(_AxisConstraint):
+    """Caps the L1 norm of the weights incident to each unit at `max_value`.
+
+    The Euclidean projection onto :math:`\\{w : \\|w\\|_1 \\le m\\}` per unit,
+    i.e. soft-thresholding :math:`\\operatorname{sign}(w)\\max(|w| - \\theta, 0)`
+    with the smallest :math:`\\theta \\ge 0` that makes the unit feasible.
+    Units already inside are left exactly as they are; the others become
+    sparse. Computed by sorting, `O(n log n)` per unit (see
+    `optax_constraints.projections.l1_ball`).
+
+    Args:
+      max_value: the radius :math:`m \\ge 0` (number, array or schedule).
+      axis: axes of one unit: int, tuple/list of ints, negative ints, `None`
+        (the whole array) or `"fan_in"` (every axis but the last).
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> oc.L1Ball(max_value=1.0)(jnp.array([[3.0, 0.2], [1.0, -0.3]]))
+    Array([[ 1. ,  0.2],
+           [ 0. , -0.3]], dtype=float32)
+
+    References:
+      Duchi, Shalev-Shwartz, Singer & Chandra, Efficient Projections onto the
+      l1-Ball for Learning in High Dimensions, ICML 2008.
+    """
+
+    schedulable = ("max_value",)
+
+    def __init__(self, max_value=1.0, axis=0):
+        check_number("max_value", max_value, low=0, owner="L1Ball")
+        self.max_value = max_value
+        self.axis = P.canonical_axis(axis)
+
+    def __call__(self, w):
+        c = self.at_step(0)
+        return P.l1_ball(w, c.max_value, c.axis)
+
+    def get_config(self):
+        return {"max_value": self.max_value, "axis": _config_axis(self.axis)}
+
+    def violation(self, w):
+        """The largest amount by which a unit's L1 norm exceeds `max_value`."""
+        c = self.at_step(0)
+        w = _float(w)
+        l1 = jnp.sum(jnp.abs(w), axis=P.resolve_axis(c.axis, w.ndim))
+        return jnp.max(jnp.maximum(l1 - c.max_value, 0), initial=0.0)
+
+
+class Simplex(_AxisConstraint):
+    """Makes each unit non-negative with entries summing to `scale`.
+
+    The Euclidean projection onto :math:`\\{w : w \\ge 0, \\sum_i w_i = s\\}`
+    per unit: :math:`\\max(w - \\theta, 0)` with the threshold
+    :math:`\\theta` that makes the unit sum to :math:`s`. With `scale=1` every
+    unit is a probability vector (mixture or convex-combination weights). An
+    all-zero unit becomes uniform.
+
+    Args:
+      scale: the sum :math:`s > 0` of each unit (number, array or schedule).
+      axis: axes of one unit: int, tuple/list of ints, negative ints, `None`
+        or `"fan_in"`.
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> oc.Simplex()(jnp.array([[0.5, 0.0], [2.0, 0.0]]))
+    Array([[0. , 0.5],
+           [1. , 0.5]], dtype=float32)
+
+    References:
+      Held, Wolfe & Crowder, Validation of subgradient optimization, Math.
+      Programming 6, 1974. Duchi et al., Efficient Projections onto the
+      l1-Ball for Learning in High Dimensions, ICML 2008.
+    """
+
+    schedulable = ("scale",)
+
+    def __init__(self, scale=1.0, axis=0):
+        check_number("scale", scale, owner="Simplex")
+        if is_python_number(scale) and not scale > 0:
+            raise ValueError(f"Simplex: scale must be > 0; got scale={scale!r}.")
+        self.scale = scale
+        self.axis = P.canonical_axis(axis)
+
+    def __call__(self, w):
+        c = self.at_step(0)
+        return P.simplex(w, c.scale, c.axis)
+
+    def get_config(self):
+        return {"scale": self.scale, "axis": _config_axis(self.axis)}
+
+    def violation(self, w):
+        """The larger of the most negative entry and the worst `|sum - scale|`."""
+        c = self.at_step(0)
+        w = _float(w)
+        total = jnp.sum(w, axis=P.resolve_axis(c.axis, w.ndim))
+        negative = jnp.maximum(-jnp.min(w, initial=0.0), 0)
+        return jnp.maximum(negative, jnp.max(jnp.abs(total - c.scale), initial=0.0))

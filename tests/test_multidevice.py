@@ -1,0 +1,219 @@
+"""Sharded parameters on 8 simulated CPU devices.
+
+`--xla_force_host_platform_device_count=8` only takes effect if it is set
+before jax is imported, so the checks run in one subprocess (the `SCRIPT`
+below) that prints a JSON report; the tests assert on it.
+
+What the script does, on a `(2, 4)` mesh with axes `("data", "model")`:
+
+* shards every parameter with `NamedSharding`, several of them *along* the
+  axis a norm reduces over, and the Adam state like its parameter;
+* runs a jitted `chain(adam, oc.project(...))` step and the same step on one
+  device, and compares the values;
+* records every output's sharding next to its input's;
+* lists the collectives in the compiled program
+  (`jitted.lower(...).compile().as_text()`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import json, re
+import numpy as np
+import jax, jax.numpy as jnp, optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import optax_constraints as oc
+
+devices = jax.devices()
+assert len(devices) == 8, devices
+mesh = Mesh(np.array(devices).reshape(2, 4), ("data", "model"))
+
+# name: (shape, spec, label). Comments say where the norm reduces.
+LEAVES = {
+    "dense_kernel": ((16, 8), P("model", "data"), "max"),        # reduces over sharded axis 0
+    "dense_bias": ((8,), P("data"), "nonneg"),
+    "conv_kernel": ((3, 3, 8, 16), P(None, None, "data", "model"), "fan_in"),  # over 0..2
+    "embedding": ((32, 8), P("data", "model"), "unit"),          # UnitNorm(axis=1), sharded
+    "head_kernel": ((8, 12), P(None, "model"), "minmax"),        # reduce axis local
+    "free": ((8, 4), P("data", "model"), None),                  # unconstrained
+}
+CONSTRAINTS = {
+    "max": oc.MaxNorm(1.0, axis=0),
+    "nonneg": oc.NonNeg(),
+    "fan_in": oc.MaxNorm(2.0, axis="fan_in"),
+    "unit": oc.UnitNorm(axis=1),
+    "minmax": oc.MinMaxNorm(0.5, 1.0, rate=0.8, axis=0),
+}
+labels = {k: v[2] for k, v in LEAVES.items()}
+tx = optax.chain(optax.adam(0.1), oc.project(CONSTRAINTS, labels))
+
+keys = jax.random.split(jax.random.key(0), 2 * len(LEAVES))
+params = {k: 2.0 * jax.random.normal(keys[i], s) for i, (k, (s, _, _)) in enumerate(LEAVES.items())}
+grads = [{k: jax.random.normal(jax.random.fold_in(keys[len(LEAVES) + i], t), s)
+          for i, (k, (s, _, _)) in enumerate(LEAVES.items())} for t in range(3)]
+shard = {k: NamedSharding(mesh, spec) for k, (_, spec, _) in LEAVES.items()}
+replicated = NamedSharding(mesh, P())
+
+
+def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
+def state_shardings(state):
+    # Adam's moments like their params, scalars replicated.
+    def one(path, x):
+        name = getattr(path[-1], "key", None)
+        return shard[name] if name in shard and x.ndim else replicated
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+# -- sharded run ------------------------------------------------------------
+p_sh = jax.device_put(params, shard)
+s_sh = tx.init(p_sh)
+s_sh = jax.device_put(s_sh, state_shardings(s_sh))
+g_sh = [jax.device_put(g, shard) for g in grads]
+jitted = jax.jit(step)
+in_p, in_s = p_sh, s_sh
+for g in g_sh:
+    p_sh, s_sh = jitted(p_sh, s_sh, g)
+
+# -- one device -------------------------------------------------------------
+one = jax.devices()[0]
+p_1 = jax.device_put(params, one)
+s_1 = tx.init(p_1)
+for g in grads:
+    p_1, s_1 = jax.jit(step)(p_1, s_1, jax.device_put(g, one))
+
+report = {"leaves": {}, "state": []}
+for k in LEAVES:
+    a = np.asarray(p_sh[k], np.float64)
+    b = np.asarray(p_1[k], np.float64)
+    report["leaves"][k] = {
+        "max_abs_diff": float(np.max(np.abs(a - b))),
+        "bitwise": bool(np.array_equal(a, b)),
+        "in_sharding": str(in_p[k].sharding),
+        "out_sharding": str(p_sh[k].sharding),
+        "same_sharding": bool(p_sh[k].sharding == in_p[k].sharding),
+        "equivalent": bool(p_sh[k].sharding.is_equivalent_to(in_p[k].sharding, a.ndim)),
+        "num_shards": len(p_sh[k].addressable_shards),
+        "shard_shape": list(p_sh[k].addressable_shards[0].data.shape),
+    }
+
+# The constraint holds on the sharded result (numpy reference).
+def norms(x, axis):
+    x = np.asarray(x, np.float64)
+    return np.sqrt(np.sum(x * x, axis=axis))
+report["feasible"] = {
+    "dense_kernel": float(norms(p_sh["dense_kernel"], 0).max()),
+    "conv_kernel": float(norms(p_sh["conv_kernel"], (0, 1, 2)).max()),
+    "embedding_min": float(norms(p_sh["embedding"], 1).min()),
+    "embedding_max": float(norms(p_sh["embedding"], 1).max()),
+    "dense_bias_min": float(np.min(np.asarray(p_sh["dense_bias"]))),
+}
+
+for (path, x_in), x_out in zip(jax.tree_util.tree_leaves_with_path(in_s),
+                               jax.tree_util.tree_leaves(s_sh)):
+    report["state"].append({
+        "path": jax.tree_util.keystr(path),
+        "same_sharding": bool(x_out.sharding == x_in.sharding),
+        "equivalent": bool(x_out.sharding.is_equivalent_to(x_in.sharding, x_in.ndim)),
+    })
+
+# -- what travels between devices -------------------------------------------
+hlo = jitted.lower(in_p, in_s, g_sh[0]).compile().as_text()
+collectives = []
+for line in hlo.splitlines():
+    m = re.search(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|all-to-all|collective-permute|"
+                  r"reduce-scatter)(-start)?\(", line)
+    if m:
+        shapes = [[int(d) for d in dims.split(",") if d]
+                  for dims in re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", m.group(1))]
+        collectives.append({"op": m.group(2), "shapes": shapes})
+report["collectives"] = collectives
+report["param_shapes"] = {k: list(v[0]) for k, v in LEAVES.items()}
+report["shard_shapes"] = {k: list(p_sh[k].addressable_shards[0].data.shape) for k in LEAVES}
+
+# apply_constraints under jit keeps the sharding as well.
+ac = jax.jit(lambda p: oc.apply_constraints(p, CONSTRAINTS, labels))(in_p)
+report["apply_constraints_equivalent"] = all(
+    ac[k].sharding.is_equivalent_to(in_p[k].sharding, ac[k].ndim) for k in LEAVES)
+print("REPORT" + json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
+    return json.loads(line[len("REPORT") :])
+
+
+def test_sharded_values_match_one_device(report):
+    for name, leaf in report["leaves"].items():
+        # Partial sums of a sharded norm are added in another order: allow a
+        # few float32 ulps of the O(1) values.
+        assert leaf["max_abs_diff"] <= 1e-6, (name, leaf)
+
+
+def test_params_are_really_sharded(report):
+    for name, leaf in report["leaves"].items():
+        assert leaf["num_shards"] == 8
+        full, local = report["param_shapes"][name], leaf["shard_shape"]
+        assert local != full, (name, local)
+
+
+def test_outputs_keep_their_input_sharding(report):
+    for name, leaf in report["leaves"].items():
+        assert leaf["same_sharding"], (name, leaf["in_sharding"], leaf["out_sharding"])
+        assert leaf["equivalent"], name
+    assert report["state"], "no optimizer state leaves recorded"
+    for leaf in report["state"]:
+        assert leaf["same_sharding"] and leaf["equivalent"], leaf
+    assert report["apply_constraints_equivalent"]
+
+
+def test_constraints_hold_on_the_sharded_result(report):
+    f = report["feasible"]
+    assert f["dense_kernel"] <= 1.0 * (1 + 1e-6)
+    assert f["conv_kernel"] <= 2.0 * (1 + 1e-6)
+    assert 1 - 1e-5 <= f["embedding_min"] <= f["embedding_max"] <= 1 + 1e-6
+    assert f["dense_bias_min"] >= 0
+
+
+def test_only_small_norm_reductions_travel(report):
+    collectives = report["collectives"]
+    # Norms over a sharded axis need partial sums from the other devices.
+    assert any(c["op"] == "all-reduce" for c in collectives), collectives
+    # Nothing is gathered, shuffled or permuted: only all-reduces.
+    assert {c["op"] for c in collectives} == {"all-reduce"}, collectives
+    # ... and only of norm-sized arrays: far smaller than any parameter shard.
+    smallest_shard = min(
+        _size(s) for k, s in report["shard_shapes"].items() if k not in ("dense_bias",)
+    )
+    for c in collectives:
+        for shape in c["shapes"]:
+            assert _size(shape) < smallest_shard, (c, report["shard_shapes"])
+            assert shape not in report["param_shapes"].values(), c
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,230 @@
+"""End to end: Keras `model.fit()` with constraints == Flax + Optax + `oc.project`.
+
+Keras projects every constrained variable right after each optimizer step.
+The same models, written in Flax Linen, start from Keras's initial weights
+and train on the same full batch with the same loss and plain SGD chained
+with `oc.project(...)`; after every epoch-step the weights must agree. Each
+test also trains without constraints to show that the constraints bind.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import optax_constraints as oc  # noqa: E402
+
+STEPS = 25
+LEARNING_RATE = 0.1
+ATOL = 1e-5
+
+
+def dataset(input_shape, n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *input_shape)).astype(np.float32)
+    mix = rng.standard_normal((int(np.prod(input_shape)), 3)).astype(np.float32)
+    # Large targets push the weights to grow, so the norm bounds bind.
+    y = (3.0 * np.tanh(x.reshape(n, -1) @ mix) + 2.0).astype(np.float32)
+    return x, y
+
+
+def fit_keras(model, x, y):
+    """Keras's own loop: whole-dataset batches, no shuffling, plain SGD, MSE."""
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=LEARNING_RATE), loss="mse")
+    initial = [np.array(w) for w in model.get_weights()]
+    model.fit(x, y, batch_size=len(x), epochs=STEPS, shuffle=False, verbose=0)
+    return initial, [np.array(w) for w in model.get_weights()]
+
+
+def fit_flax(module, params, tx, x, y):
+    def loss_fn(p):
+        return jnp.mean((module.apply(p, x) - y) ** 2)  # Keras "mse", mean over all
+
+    @jax.jit
+    def step(p, state):
+        grads = jax.grad(loss_fn)(p)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state
+
+    state = tx.init(params)
+    for _ in range(STEPS):
+        params, state = step(params, state)
+    return params
+
+
+def column_norms(w):
+    w = np.asarray(w, np.float64)
+    return np.sqrt(np.sum(w * w, axis=tuple(range(w.ndim - 1))))
+
+
+def assert_tree_close(flax_params, expected: dict):
+    for path, value in expected.items():
+        node = flax_params["params"]
+        for key in path.split("/"):
+            node = node[key]
+        np.testing.assert_allclose(np.asarray(node), value, atol=ATOL, rtol=0, err_msg=path)
+
+
+# --- Dense: 8 -> 16 (relu) -> 3 ----------------------------------------------
+
+
+class DenseNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16)(x))
+        return nn.Dense(3)(x)
+
+
+DENSE_MAX = 0.9
+DENSE_MIN_MAX = (0.5, 1.0, 0.5)  # min_value, max_value, rate
+
+
+def keras_dense_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(
+                16,
+                activation="relu",
+                kernel_constraint=keras.constraints.MaxNorm(DENSE_MAX),
+                bias_constraint=keras.constraints.NonNeg(),
+            ),
+            keras.layers.Dense(
+                3,
+                kernel_constraint=keras.constraints.MinMaxNorm(*DENSE_MIN_MAX),
+                bias_constraint=keras.constraints.NonNeg(),
+            ),
+        ]
+    )
+
+
+def dense_params(weights):
+    k0, b0, k1, b1 = (jnp.asarray(w) for w in weights)
+    return {"params": {"Dense_0": {"kernel": k0, "bias": b0}, "Dense_1": {"kernel": k1, "bias": b1}}}
+
+
+def dense_projection():
+    return oc.project(
+        {
+            "max": oc.MaxNorm(DENSE_MAX),
+            "min_max": oc.MinMaxNorm(*DENSE_MIN_MAX),
+            "non_neg": oc.NonNeg(),
+        },
+        oc.label_by_path(
+            {"**/Dense_0/kernel": "max", "**/Dense_1/kernel": "min_max", "**/bias": "non_neg"}
+        ),
+    )
+
+
+def test_dense_model_matches_keras_fit():
+    x, y = dataset((8,))
+    initial, final = fit_keras(keras_dense_model(), x, y)
+
+    sgd = optax.sgd(LEARNING_RATE)
+    ours = fit_flax(DenseNet(), dense_params(initial), optax.chain(sgd, dense_projection()), x, y)
+    free = fit_flax(DenseNet(), dense_params(initial), sgd, x, y)
+
+    # Without constraints the bounds would be broken: the projection is active.
+    assert column_norms(free["params"]["Dense_0"]["kernel"]).max() > DENSE_MAX + 1e-3
+    assert column_norms(free["params"]["Dense_1"]["kernel"]).max() > DENSE_MIN_MAX[1] + 1e-3
+    assert np.min(free["params"]["Dense_0"]["bias"]) < -1e-3
+    # Keras's result respects them, and differs from the unconstrained run.
+    assert column_norms(final[0]).max() <= DENSE_MAX + 1e-5
+    assert np.min(final[1]) >= 0 and np.min(final[3]) >= 0
+    assert np.abs(final[0] - np.asarray(free["params"]["Dense_0"]["kernel"])).max() > 1e-2
+
+    assert_tree_close(
+        ours,
+        {
+            "Dense_0/kernel": final[0],
+            "Dense_0/bias": final[1],
+            "Dense_1/kernel": final[2],
+            "Dense_1/bias": final[3],
+        },
+    )
+    assert np.min(ours["params"]["Dense_0"]["bias"]) >= 0  # exactly, not just close
+
+
+# --- Conv2D: 8x8x1 -> Conv 3x3x4 (relu) -> flatten -> Dense 3 -----------------
+
+
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="VALID")(x))  # Keras's default padding
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(3)(x)
+
+
+CONV_MAX = 0.5
+
+
+def keras_conv_model():
+    keras.utils.set_random_seed(1)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(
+                4,
+                3,
+                activation="relu",
+                kernel_constraint=keras.constraints.MaxNorm(CONV_MAX, axis=[0, 1, 2]),
+                bias_constraint=keras.constraints.NonNeg(),
+            ),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, kernel_constraint=keras.constraints.UnitNorm()),
+        ]
+    )
+
+
+def conv_params(weights):
+    k0, b0, k1, b1 = (jnp.asarray(w) for w in weights)
+    return {"params": {"Conv_0": {"kernel": k0, "bias": b0}, "Dense_0": {"kernel": k1, "bias": b1}}}
+
+
+def conv_projection():
+    labels = {
+        "params": {
+            "Conv_0": {"kernel": "max", "bias": "non_neg"},
+            "Dense_0": {"kernel": "unit", "bias": None},
+        }
+    }
+    return oc.project(
+        {"max": oc.MaxNorm(CONV_MAX, axis="fan_in"), "non_neg": oc.NonNeg(), "unit": oc.UnitNorm()},
+        labels,
+    )
+
+
+def test_conv_model_matches_keras_fit():
+    x, y = dataset((8, 8, 1), seed=1)
+    initial, final = fit_keras(keras_conv_model(), x, y)
+    assert initial[0].shape == (3, 3, 1, 4)  # same HWIO layout as Flax
+
+    sgd = optax.sgd(LEARNING_RATE)
+    ours = fit_flax(ConvNet(), conv_params(initial), optax.chain(sgd, conv_projection()), x, y)
+    free = fit_flax(ConvNet(), conv_params(initial), sgd, x, y)
+
+    free_norms = column_norms(free["params"]["Conv_0"]["kernel"])
+    assert free_norms.max() > CONV_MAX + 1e-3
+    assert np.abs(column_norms(free["params"]["Dense_0"]["kernel"]) - 1).max() > 1e-2
+    assert np.min(free["params"]["Conv_0"]["bias"]) < -1e-3
+    assert column_norms(final[0]).max() <= CONV_MAX + 1e-5
+    assert np.min(final[1]) >= 0
+    np.testing.assert_allclose(column_norms(final[2]), 1.0, atol=1e-5)
+
+    assert_tree_close(
+        ours,
+        {
+            "Conv_0/kernel": final[0],
+            "Conv_0/bias": final[1],
+            "Dense_0/kernel": final[2],
+            "Dense_0/bias": final[3],
+        },
+    )
