@@ -168,10 +168,14 @@ TREE_KINDS = [
 
 def test_nnx_trees_are_what_the_optimizer_passes():
     """Guards the premise of the two NNX cases: `.value` in init paths, not in update."""
-    init_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-        _tree("nnx_param_state"))]
-    update_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-        _tree("nnx_pure_state"))]
+    init_paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(_tree("nnx_param_state"))
+    ]
+    update_paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(_tree("nnx_pure_state"))
+    ]
     assert all(p.endswith(".value") for p in init_paths)
     assert not any(p.endswith(".value") for p in update_paths)
 
@@ -214,7 +218,7 @@ def test_routing_report_lists_every_leaf(kind):
     rows = {re.split(r"\s{2,}", line)[0]: re.split(r"\s{2,}", line)[1:] for line in lines[1:-1]}
     leaf_shapes = shapes(params)
     assert set(rows) == set(EXPECTED)
-    for path, (shape, dtype, label, constraint) in rows.items():
+    for path, (shape, dtype, label, _constraint) in rows.items():
         assert shape == str(leaf_shapes[path])
         assert dtype == "float32"
         assert label == repr(EXPECTED[path])
@@ -274,11 +278,17 @@ def test_first_matching_rule_wins_and_unmatched_get_default():
     }
     ordered = oc.label_by_path({"a/*": "first", "**/kernel": "second"}, default="d")
     assert by_path(ordered(params)) == {
-        "a/kernel": "first", "a/bias": "first", "b/kernel": "second", "b/w": "d"
+        "a/kernel": "first",
+        "a/bias": "first",
+        "b/kernel": "second",
+        "b/w": "d",
     }
     flipped = oc.label_by_path({"**/kernel": "second", "a/*": "first"})
     assert by_path(flipped(params)) == {
-        "a/kernel": "second", "a/bias": "first", "b/kernel": "second", "b/w": None
+        "a/kernel": "second",
+        "a/bias": "first",
+        "b/kernel": "second",
+        "b/w": None,
     }
 
 
@@ -290,8 +300,9 @@ def test_rule_shadowed_by_an_earlier_rule_is_an_error():
     msg = str(err.value)
     assert "'LayerNorm_*/bias' never applies" in msg
     assert "'LayerNorm_0/bias'" in msg and "earlier rule '**/bias'" in msg
-    relaxed = oc.label_by_path({"**/bias": "bias", "LayerNorm_*/bias": "beta"},
-                               allow_unmatched=True)
+    relaxed = oc.label_by_path(
+        {"**/bias": "bias", "LayerNorm_*/bias": "beta"}, allow_unmatched=True
+    )
     assert by_path(relaxed(params)) == {"Dense_0/bias": "bias", "LayerNorm_0/bias": "bias"}
 
 
@@ -373,16 +384,26 @@ def test_masked_nodes_kept_and_project_inside_optax_masked():
 # --- plain-dict and prefix labels ---------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["frozendict", "linen_trainstate", "nnx_param_state",
-                                  "nnx_pure_state", "struct_dataclass", "register_dataclass"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "frozendict",
+        "linen_trainstate",
+        "nnx_param_state",
+        "nnx_pure_state",
+        "struct_dataclass",
+        "register_dataclass",
+    ],
+)
 def test_plain_dict_labels_fit_other_containers(kind):
     labels = {
         "Dense_0": {"kernel": "kernel", "bias": "bias"},
         "LayerNorm_0": {"scale": None, "bias": None},
     }
     params = _tree(kind)
-    new = by_path(oc.apply_constraints(params, {"kernel": oc.UnitNorm(), "bias": oc.NonNeg()},
-                                       labels))
+    new = by_path(
+        oc.apply_constraints(params, {"kernel": oc.UnitNorm(), "bias": oc.NonNeg()}, labels)
+    )
     old = by_path(params)
     np.testing.assert_allclose(unit_norms(new["Dense_0/kernel"], 0), 1.0, rtol=1e-5)
     assert np.min(new["Dense_0/bias"]) >= 0
@@ -393,7 +414,9 @@ def test_prefix_labels_cover_subtrees():
     params = _arrays()
     labels = {"Dense_0": "nonneg", "LayerNorm_0": None}
     new = oc.apply_constraints(params, {"nonneg": oc.NonNeg()}, labels)
-    np.testing.assert_array_equal(new["Dense_0"]["kernel"], np.maximum(params["Dense_0"]["kernel"], 0))
+    np.testing.assert_array_equal(
+        new["Dense_0"]["kernel"], np.maximum(params["Dense_0"]["kernel"], 0)
+    )
     np.testing.assert_array_equal(new["Dense_0"]["bias"], np.zeros(4))
     np.testing.assert_array_equal(new["LayerNorm_0"]["bias"], params["LayerNorm_0"]["bias"])
     # A single label for the whole tree is the shortest prefix of all.
@@ -421,8 +444,25 @@ def test_nnx_optimizer_with_dict_and_prefix_labels():
 # --- axis="fan_in" resolves per leaf ------------------------------------------------
 
 
-def _linen_params(module, shape):
-    return module.init(KEY, jnp.ones(shape))["params"]
+def _filled(abstract):
+    """Random normal arrays in place of `jax.eval_shape` structs (no init compile)."""
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+        lambda s: (
+            jnp.asarray(rng.normal(size=s.shape), s.dtype)
+            if isinstance(s, jax.ShapeDtypeStruct)
+            else s
+        ),
+        abstract,
+    )
+
+
+def _linen_params(module, shape, *, dtype=jnp.float32):
+    return _filled(jax.eval_shape(module.init, KEY, jnp.ones(shape, dtype))["params"])
+
+
+def _nnx_params(make):
+    return _filled(nnx.state(nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param))
 
 
 FAN_IN_CASES = {
@@ -430,11 +470,12 @@ FAN_IN_CASES = {
     "linen_conv1d": lambda: _linen_params(nn.Conv(5, (3,)), (1, 8, 4)),
     "linen_conv2d": lambda: _linen_params(nn.Conv(5, (3, 3)), (1, 8, 8, 4)),
     "linen_conv3d": lambda: _linen_params(nn.Conv(5, (3, 2, 3)), (1, 6, 6, 6, 4)),
-    "linen_grouped_conv2d": lambda: _linen_params(nn.Conv(6, (3, 3), feature_group_count=2),
-                                                  (1, 8, 8, 4)),
+    "linen_grouped_conv2d": lambda: _linen_params(
+        nn.Conv(6, (3, 3), feature_group_count=2), (1, 8, 8, 4)
+    ),
     "linen_conv_transpose2d": lambda: _linen_params(nn.ConvTranspose(5, (3, 3)), (1, 8, 8, 4)),
-    "nnx_linear": lambda: nnx.state(nnx.Linear(7, 5, rngs=nnx.Rngs(0)), nnx.Param),
-    "nnx_conv2d": lambda: nnx.state(nnx.Conv(4, 5, (3, 3), rngs=nnx.Rngs(0)), nnx.Param),
+    "nnx_linear": lambda: _nnx_params(lambda rngs: nnx.Linear(7, 5, rngs=rngs)),
+    "nnx_conv2d": lambda: _nnx_params(lambda rngs: nnx.Conv(4, 5, (3, 3), rngs=rngs)),
 }
 EXPECTED_KERNEL_SHAPES = {
     "linen_dense": (7, 5),
@@ -456,8 +497,9 @@ def test_fan_in_is_per_output_unit_for_every_kernel(case):
     explicit_axes = tuple(range(kernel.ndim - 1))
     max_value = 0.5 * float(unit_norms(kernel, explicit_axes).min())  # binds on every unit
     labels = oc.label_by_path({"**/kernel": "k"})
-    got = by_path(oc.apply_constraints(params, {"k": oc.MaxNorm(max_value, axis="fan_in")},
-                                       labels))["kernel"]
+    got = by_path(
+        oc.apply_constraints(params, {"k": oc.MaxNorm(max_value, axis="fan_in")}, labels)
+    )["kernel"]
     explicit = oc.MaxNorm(max_value, axis=explicit_axes)(jnp.asarray(kernel))
     np.testing.assert_array_equal(got, explicit)
     np.testing.assert_allclose(got, keras_max_norm(kernel, max_value, explicit_axes), rtol=2e-6)
@@ -528,15 +570,17 @@ def test_rule_matching_no_leaf_lists_real_paths():
     assert "['**/kernal'] match no parameter" in msg
     assert "'Dense_0/kernel'" in msg and "allow_unmatched=True" in msg
     # Opting out: the typo'd rule is ignored, nothing is constrained.
-    quiet = oc.project({"k": oc.UnitNorm()}, oc.label_by_path({"**/kernal": "k"},
-                                                              allow_unmatched=True))
+    quiet = oc.project(
+        {"k": oc.UnitNorm()}, oc.label_by_path({"**/kernal": "k"}, allow_unmatched=True)
+    )
     quiet.init(_dense_params())
 
 
 def test_routing_report_raises_the_init_errors():
     with pytest.raises(ValueError, match="Dense_0/kernel"):
-        oc.routing_report(_dense_params(), {"k": oc.MaxNorm(axis=3)},
-                          oc.label_by_path({"**/kernel": "k"}))
+        oc.routing_report(
+            _dense_params(), {"k": oc.MaxNorm(axis=3)}, oc.label_by_path({"**/kernel": "k"})
+        )
 
 
 @pytest.mark.parametrize("bad", ["", "/", 3])
@@ -566,8 +610,9 @@ def _wide_tree(n_blocks):
 def test_thousand_leaf_tree_resolves_quickly():
     params = _wide_tree(334)  # 1002 array leaves, 334 None leaves
     rules = {"**/LayerNorm_*/**": None, "**/kernel": "k", "**/bias": "b"}
-    tx = oc.project({"k": oc.MaxNorm(1.0, axis="fan_in"), "b": oc.NonNeg()},
-                    oc.label_by_path(rules))
+    tx = oc.project(
+        {"k": oc.MaxNorm(1.0, axis="fan_in"), "b": oc.NonNeg()}, oc.label_by_path(rules)
+    )
     start = time.perf_counter()
     tx.init(params)
     elapsed = time.perf_counter() - start
@@ -678,22 +723,25 @@ def _doc_cases(doc):
             },
         ),
         "linen compact OptimizedLSTMCell": (
-            _CompactCell("OptimizedLSTMCell").init(KEY, seq)["params"],
+            _linen_params(_CompactCell("OptimizedLSTMCell"), seq.shape),
             {
-                **_gates("OptimizedLSTMCell_0", [f"h{g}" for g in LSTM_GATES], "kernel",
-                         "recurrent"),
+                **_gates(
+                    "OptimizedLSTMCell_0", [f"h{g}" for g in LSTM_GATES], "kernel", "recurrent"
+                ),
                 **_gates("OptimizedLSTMCell_0", [f"h{g}" for g in LSTM_GATES], "bias", "bias"),
-                **_gates("OptimizedLSTMCell_0", [f"i{g}" for g in LSTM_GATES], "kernel",
-                         "kernel"),
+                **_gates("OptimizedLSTMCell_0", [f"i{g}" for g in LSTM_GATES], "kernel", "kernel"),
             },
         ),
         "linen compact SimpleCell": (
-            _CompactCell("SimpleCell").init(KEY, seq)["params"],
-            {"SimpleCell_0/h/kernel": "recurrent", "SimpleCell_0/i/kernel": "kernel",
-             "SimpleCell_0/i/bias": "bias"},
+            _linen_params(_CompactCell("SimpleCell"), seq.shape),
+            {
+                "SimpleCell_0/h/kernel": "recurrent",
+                "SimpleCell_0/i/kernel": "kernel",
+                "SimpleCell_0/i/bias": "bias",
+            },
         ),
         "linen compact MGUCell": (
-            _CompactCell("MGUCell").init(KEY, seq)["params"],
+            _linen_params(_CompactCell("MGUCell"), seq.shape),
             {
                 **_gates("MGUCell_0", ["hf", "hn"], "kernel", "recurrent"),
                 "MGUCell_0/hn/bias": "bias",
@@ -702,12 +750,16 @@ def _doc_cases(doc):
             },
         ),
         "linen compact ConvLSTMCell": (
-            _CompactCell("ConvLSTMCell").init(KEY, jnp.ones((2, 5, 6, 3)))["params"],
-            {"ConvLSTMCell_0/hh/kernel": "recurrent", "ConvLSTMCell_0/hh/bias": "bias",
-             "ConvLSTMCell_0/ih/kernel": "kernel", "ConvLSTMCell_0/ih/bias": "bias"},
+            _linen_params(_CompactCell("ConvLSTMCell"), (2, 5, 6, 3)),
+            {
+                "ConvLSTMCell_0/hh/kernel": "recurrent",
+                "ConvLSTMCell_0/hh/bias": "bias",
+                "ConvLSTMCell_0/ih/kernel": "kernel",
+                "ConvLSTMCell_0/ih/bias": "bias",
+            },
         ),
         "linen setup GRUCell": (
-            _SetupRNN().init(KEY, seq)["params"],
+            _linen_params(_SetupRNN(), seq.shape),
             {
                 **_gates("rnn/cell", ["hr", "hz", "hn"], "kernel", "recurrent"),
                 "rnn/cell/hn/bias": "bias",
@@ -716,7 +768,7 @@ def _doc_cases(doc):
             },
         ),
         "linen Bidirectional GRUCell": (
-            _Bidirectional().init(KEY, seq)["params"],
+            _linen_params(_Bidirectional(), seq.shape),
             {
                 k: v
                 for c in ("GRUCell_0", "GRUCell_1")
@@ -729,15 +781,17 @@ def _doc_cases(doc):
             },
         ),
         "linen norms": (
-            _Norms().init(KEY, jnp.ones((2, 4)))["params"],
+            _linen_params(_Norms(), (2, 4)),
             {
-                **{f"{n}_0/scale": "gamma" for n in ("LayerNorm", "BatchNorm", "GroupNorm",
-                                                     "RMSNorm")},
+                **{
+                    f"{n}_0/scale": "gamma"
+                    for n in ("LayerNorm", "BatchNorm", "GroupNorm", "RMSNorm")
+                },
                 **{f"{n}_0/bias": "beta" for n in ("LayerNorm", "BatchNorm", "GroupNorm")},
             },
         ),
         "nnx RNN LSTMCell": (
-            nnx.state(_NNXRecurrent("LSTMCell", nnx.Rngs(0)), nnx.Param),
+            _nnx_params(lambda rngs: _NNXRecurrent("LSTMCell", rngs)),
             {
                 **_gates("rnn/cell", [f"h{g}" for g in LSTM_GATES], "kernel", "recurrent"),
                 **_gates("rnn/cell", [f"h{g}" for g in LSTM_GATES], "bias", "bias"),
@@ -745,19 +799,30 @@ def _doc_cases(doc):
             },
         ),
         "nnx RNN OptimizedLSTMCell": (
-            nnx.state(_NNXRecurrent("OptimizedLSTMCell", nnx.Rngs(0)), nnx.Param),
-            {"rnn/cell/dense_h/kernel": "recurrent", "rnn/cell/dense_h/bias": "bias",
-             "rnn/cell/dense_i/kernel": "kernel"},
+            _nnx_params(lambda rngs: _NNXRecurrent("OptimizedLSTMCell", rngs)),
+            {
+                "rnn/cell/dense_h/kernel": "recurrent",
+                "rnn/cell/dense_h/bias": "bias",
+                "rnn/cell/dense_i/kernel": "kernel",
+            },
         ),
         "nnx RNN SimpleCell": (
-            nnx.state(_NNXRecurrent("SimpleCell", nnx.Rngs(0)), nnx.Param),
-            {"rnn/cell/dense_h/kernel": "recurrent", "rnn/cell/dense_i/kernel": "kernel",
-             "rnn/cell/dense_i/bias": "bias"},
+            _nnx_params(lambda rngs: _NNXRecurrent("SimpleCell", rngs)),
+            {
+                "rnn/cell/dense_h/kernel": "recurrent",
+                "rnn/cell/dense_i/kernel": "kernel",
+                "rnn/cell/dense_i/bias": "bias",
+            },
         ),
         "nnx norms and embed": (
-            nnx.as_pure(nnx.state(_NNXNorms(nnx.Rngs(0)), nnx.Param)),
-            {"norm/scale": "gamma", "norm/bias": "beta", "norm_out/scale": "gamma",
-             "norm_out/bias": "beta", "embed/embedding": "embeddings"},
+            nnx.as_pure(_nnx_params(_NNXNorms)),
+            {
+                "norm/scale": "gamma",
+                "norm/bias": "beta",
+                "norm_out/scale": "gamma",
+                "norm_out/bias": "beta",
+                "embed/embedding": "embeddings",
+            },
         ),
     }
     return cases
@@ -780,17 +845,19 @@ def test_doc_rules_land_where_the_doc_says(doc):
 def test_doc_attention_rule_separates_out_projection():
     """The doc's attention advice: "**/out/kernel" (fan_in) before "**/kernel" (axis 0)."""
     linen = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)
-    linen_params = linen.init(KEY, jnp.ones((1, 3, 6)))["params"]
-    nnx_params = nnx.state(
-        nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=4, decode=False,
-                               rngs=nnx.Rngs(0)),
-        nnx.Param,
+    linen_params = _linen_params(linen, (1, 3, 6))
+    nnx_params = _nnx_params(
+        lambda rngs: nnx.MultiHeadAttention(
+            num_heads=2, in_features=6, qkv_features=4, decode=False, rngs=rngs
+        )
     )
     labels = oc.label_by_path({"**/out/kernel": "out", "**/kernel": "qkv"})
     for params in (linen_params, nnx_params):
         labelled = by_path(labels(params))
         assert {k: v for k, v in labelled.items() if v} == {
-            "query/kernel": "qkv", "key/kernel": "qkv", "value/kernel": "qkv",
+            "query/kernel": "qkv",
+            "key/kernel": "qkv",
+            "value/kernel": "qkv",
             "out/kernel": "out",
         }
         kernels = shapes(params)
@@ -807,7 +874,9 @@ def test_doc_attention_rule_separates_out_projection():
 
 @pytest.fixture(scope="module")
 def keras():
-    return pytest.importorskip("keras")
+    import keras
+
+    return keras
 
 
 def test_conv_transpose_layouts_differ_and_axes_translate(keras):
@@ -834,16 +903,17 @@ def test_conv_transpose_layouts_differ_and_axes_translate(keras):
 def test_embedding_default_axis_is_per_feature_not_per_token(keras):
     layer = keras.layers.Embedding(10, 4)
     layer.build((2,))
-    table = np.asarray(layer.embeddings) * 100.0
-    flax_table = by_path(nn.Embed(10, 4).init(KEY, jnp.zeros((1,), jnp.int32))["params"])
-    assert flax_table["embedding"].shape == table.shape  # same (num, features) layout
-    keras_default = np.asarray(keras.constraints.MaxNorm(1.0)(table))
-    assert unit_norms(keras_default, 0).max() <= 1 + 1e-5  # each feature column capped
-    assert unit_norms(keras_default, 1).max() < 0.9  # tokens end up far below 1
+    flax_table = by_path(_linen_params(nn.Embed(10, 4), (1,), dtype=jnp.int32))
+    assert flax_table["embedding"].shape == tuple(layer.embeddings.shape)  # same layout
+    # Token i's vector has norm 2 (i + 1): every token is above 1.
+    table = np.repeat(np.arange(1.0, 11.0, dtype=np.float32)[:, None], 4, axis=1)
+    keras_default = np.asarray(keras.constraints.MaxNorm(1.0)(table))  # axis=0
+    np.testing.assert_allclose(unit_norms(keras_default, 0), 1.0, rtol=1e-5)  # per feature
+    token_norms = unit_norms(keras_default, 1)
+    np.testing.assert_allclose(token_norms / token_norms[0], np.arange(1, 11), rtol=1e-5)
     per_token = np.asarray(oc.MaxNorm(1.0, axis=1)(jnp.asarray(table)))
     np.testing.assert_allclose(unit_norms(per_token, 1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(per_token, keras.constraints.MaxNorm(1.0, axis=1)(table),
-                               rtol=1e-6)
+    np.testing.assert_allclose(per_token, keras.constraints.MaxNorm(1.0, axis=1)(table), rtol=1e-6)
 
 
 def test_depthwise_kernel_grouping_matches_keras(keras):

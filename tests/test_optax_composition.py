@@ -263,6 +263,27 @@ def test_inject_hyperparams_drives_max_value_without_retracing():
     assert step._cache_size() == 1
 
 
+def test_inject_hyperparams_needs_same_dtype_arrays_to_avoid_retracing():
+    # The pitfall documented in docs/composition.md: assigning a Python float
+    # makes the leaf weakly typed, a new jit signature; an array of the
+    # hyper-parameter's dtype does not.
+    tx = optax.inject_hyperparams(
+        lambda learning_rate, max_value: optax.chain(
+            optax.sgd(learning_rate), oc.project(oc.MaxNorm(max_value))
+        )
+    )(learning_rate=0.1, max_value=2.0)
+    params = {"w": jnp.ones((3, 2), jnp.float32)}
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    _, state = update(params, state, params)
+    state.hyperparams["max_value"] = jnp.asarray(0.5, state.hyperparams["max_value"].dtype)
+    _, state = update(params, state, params)
+    assert update._cache_size() == 1
+    state.hyperparams["max_value"] = 0.25  # a Python float: weak type, new trace
+    _, state = update(params, state, params)
+    assert update._cache_size() == 2
+
+
 # -- MultiSteps ---------------------------------------------------------------
 
 
@@ -291,6 +312,25 @@ def test_multisteps_projects_only_on_emitting_steps():
                                np.asarray(get(old, path), np.float64) + get(sgd_updates, path))
     # The projection's own step counter only advanced on emitting steps.
     assert int(state.inner_opt_state[1].count) == 2
+
+
+def test_project_outside_multisteps_projects_every_micro_step_like_keras():
+    # Keras (gradient_accumulation_steps) applies constraints after every
+    # micro-step. The same behaviour in Optax: project *after* MultiSteps, so
+    # accumulation steps (zero updates) still project: p -> C(p).
+    k = 3
+    multi = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k)
+    tx = optax.chain(multi.gradient_transformation(), oc.project(CONSTRAINTS, LABELS))
+    step = jitted_step(tx)
+    params = make_params()
+    state = tx.init(params)
+    old = params
+    params, state = step(params, state, grads_sequence(1)[0])  # an accumulation step
+    zeros = jax.tree.map(jnp.zeros_like, old)
+    check_constrained_leaves(params, old, zeros)
+    for path in UNCONSTRAINED:
+        assert_bitwise(get(params, path), get(old, path))
+    assert int(state[1].count) == 1
 
 
 # -- apply_if_finite ----------------------------------------------------------

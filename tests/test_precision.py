@@ -24,6 +24,8 @@ Bounds asserted (the rounding analysis behind them is in `docs/precision.md`):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +89,26 @@ def worst_ratio(num: np.ndarray, den: np.ndarray) -> float:
     return float(np.max(np.where(den > 0, num / np.where(den > 0, den, 1), 0)))
 
 
+@functools.partial(jax.jit, static_argnames="name")
+def _one_step(p, u, hp, name):
+    """One `project` step: the new parameters.
+
+    The hyper-parameters are traced (as under `inject_hyperparams`), so one
+    compilation serves every `max_value`.
+    """
+    constraint = make_constraint(name, hp)
+    tx = oc.project(constraint)
+    projected, _ = tx.update(u, tx.init(p), p)
+    return optax.apply_updates(p, projected)
+
+
+@functools.partial(jax.jit, static_argnames="name")
+def _apply_constraints(w, hp, name):
+    # Its own jit: fused with the step that makes `w`, XLA may skip rounding
+    # `w` to bf16 before the projection reads it (excess precision).
+    return oc.apply_constraints(w, make_constraint(name, hp))
+
+
 def measure(
     name: str,
     param_dtype,
@@ -120,16 +142,10 @@ def measure(
     p = jnp.asarray(columns_with_norms(rng, fan_in, p_norms), jnp.float32).astype(param_dtype)
     u = jnp.asarray(columns_with_norms(rng, fan_in, u_norms), jnp.float32).astype(update_dtype)
     hp = hyper_parameters(name, max_value)
-    constraint = make_constraint(name, hp)
-    tx = oc.project(constraint)
-
-    @jax.jit
-    def step(p, u):
-        projected, _ = tx.update(u, tx.init(p), p)
-        plain = optax.apply_updates(p, u)
-        return optax.apply_updates(p, projected), oc.apply_constraints(plain, constraint), plain
-
-    new, direct, plain = step(p, u)
+    hp_traced = {k: jnp.float32(v) for k, v in hp.items()}
+    new = _one_step(p, u, hp_traced, name)
+    plain = optax.apply_updates(p, u)  # where plain training lands
+    direct = _apply_constraints(plain, hp_traced, name)
     assert new.dtype == direct.dtype == jnp.dtype(param_dtype)
     eps = float(jnp.finfo(param_dtype).eps)
 

@@ -347,8 +347,20 @@ def _target_norm(case, n):
     return rate * np.clip(n, kw["min_value"], kw["max_value"]) + (1 - rate) * n
 
 
+def flushed(w, dtype) -> np.ndarray:
+    """`w` as XLA on CPU computes with it: float32 denormals read as zero (DAZ).
+
+    float16 and bfloat16 leaves are computed in float32, where float16's
+    denormals are normal numbers but bfloat16's stay denormal.
+    """
+    if dtype == F16:
+        return w
+    return np.where(np.abs(w) < float(jnp.finfo(F32).tiny), 0.0, w)
+
+
 def _check_keras_norm(case, w, out):
     axes = unit_axes(case.axis, w.ndim)
+    w = flushed(w, case.dtype)
     n, n_out = norms(w, axes), norms(out, axes)
     r, a = rtol(case.dtype, w.size), atol(case.dtype, w.size)
     shrink = n / (EPS + n)
@@ -397,10 +409,7 @@ def _check_l1_ball(case, w, out):
     m = case.kwargs["max_value"]
     l1 = np.sum(np.abs(out), axis=axes)
     r, a = rtol(case.dtype, w.size), atol(case.dtype, w.size)
-    # Feasible up to rounding relative to the input's largest entry (the
-    # threshold is computed from it).
-    slack = r * np.max(np.abs(w), axis=axes) * out.size
-    assert np.all(l1 <= m * (1 + r) + slack + a), (l1, m)
+    assert np.all(l1 <= m * (1 + r * out.size) + a), (l1, m)
     inside = np.sum(np.abs(w), axis=axes, keepdims=True) <= m * (1 - r)
     np.testing.assert_array_equal(
         out[np.broadcast_to(inside, w.shape)], w[np.broadcast_to(inside, w.shape)]
@@ -426,7 +435,8 @@ def _check_spectral_norm(case, w, out):
     r = rtol(case.dtype, w.size)
     assert _singular_values(out)[0] <= m * (1 + 4 * r) + atol(case.dtype, w.size)
     if _singular_values(w)[0] <= m * (1 - 4 * r):
-        np.testing.assert_array_equal(out, w)  # a feasible kernel comes back bit for bit
+        # A feasible kernel comes back bit for bit (denormals read as zero).
+        np.testing.assert_array_equal(out, flushed(w, case.dtype))
 
 
 def _well_conditioned(w) -> bool:

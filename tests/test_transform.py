@@ -103,7 +103,9 @@ def test_non_neg_is_exact_after_apply_updates():
     new_updates, _ = tx.update(updates, tx.init(params), params)
     got = np.asarray(optax.apply_updates(params, new_updates)["w"])
     assert (got >= 0).all() and not np.signbit(got).any()
-    np.testing.assert_allclose(got, np.maximum(np.asarray(params["w"]) + updates["w"], 0), atol=1e-6)
+    np.testing.assert_allclose(
+        got, np.maximum(np.asarray(params["w"]) + updates["w"], 0), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -237,7 +239,9 @@ def test_traced_hyper_parameters_pass_construction():
     np.testing.assert_allclose(a, [[0.6, 0.3], [0.8, 0.4]], rtol=1e-6)
     # rate 0.5: the norm moves halfway, 5 -> 3 and 0.5 -> 0.7.
     np.testing.assert_allclose(
-        np.linalg.norm(np.asarray(b), axis=0), [0.5 * 1.0 + 0.5 * 5.0, 0.5 * 0.9 + 0.5 * 0.5], rtol=1e-5
+        np.linalg.norm(np.asarray(b), axis=0),
+        [0.5 * 1.0 + 0.5 * 5.0, 0.5 * 0.9 + 0.5 * 0.5],
+        rtol=1e-5,
     )
 
 
@@ -441,9 +445,7 @@ def test_constraint_violations_positive_before_and_zero_after_projection():
     assert set(before) == {"max", "min_max", "unit", "nn"}
 
     kernel = np.asarray(params["dense"]["kernel"], np.float64)
-    np.testing.assert_allclose(
-        before["max"], max(column_norms(kernel).max() - 1.0, 0.0), rtol=1e-5
-    )
+    np.testing.assert_allclose(before["max"], max(column_norms(kernel).max() - 1.0, 0.0), rtol=1e-5)
     np.testing.assert_allclose(before["nn"], -np.min(params["dense"]["bias"]), rtol=1e-6)
     for label, value in before.items():
         assert float(value) > 0, label

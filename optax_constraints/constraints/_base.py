@@ -65,7 +65,6 @@ class Constraint:
 
         >>> import jax.numpy as jnp
 
-    from optax_constraints.projections import compute_dtype
         >>> import optax_constraints as oc
         >>> class CenterAround(oc.Constraint):
         ...     def __init__(self, ref_value):
@@ -177,7 +176,6 @@ class FunctionConstraint(Constraint):
 
         >>> import jax.numpy as jnp
 
-    from optax_constraints.projections import compute_dtype
         >>> import optax_constraints as oc
         >>> c = oc.FunctionConstraint(jnp.abs)
         >>> c(jnp.array([-1.0, 2.0]))

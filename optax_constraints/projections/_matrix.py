@@ -272,6 +272,11 @@ def orthogonal_newton_schulz(w: jax.Array, num_iters: int = NEWTON_SCHULZ_ITERS)
 
 @_tall
 def _newton_schulz(x, num_iters):
+    # The polar factor ignores scale: dividing by the largest entry first keeps
+    # the Gram matrix in range (float32 squares overflow past ~1e19 and flush
+    # to zero below ~1e-19, which made such kernels come back as zeros).
+    peak = jnp.max(jnp.abs(x))
+    x = x / jnp.where(peak > 0, peak, 1)
     gram = x.T @ x
     bound_sq = jnp.minimum(jnp.trace(gram), jnp.max(jnp.sum(jnp.abs(gram), axis=1)))
     positive = bound_sq > 0
@@ -289,6 +294,8 @@ def _newton_schulz(x, num_iters):
 
 
 def _normalize(x, fallback):
+    peak = jnp.max(jnp.abs(x))  # scale first: x * x must neither overflow nor flush to 0
+    x = x / jnp.where(peak > 0, peak, 1)
     sumsq = jnp.sum(x * x)
     positive = sumsq > 0
     return jnp.where(positive, x * jax.lax.rsqrt(jnp.where(positive, sumsq, 1)), fallback)

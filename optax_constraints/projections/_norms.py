@@ -15,6 +15,7 @@ bfloat16 and float16 inputs are computed in float32 and cast back.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -59,6 +60,51 @@ def in_compute_dtype(fn: Callable) -> Callable:
     return wrapper
 
 
+def _is_array(value) -> bool:
+    return hasattr(value, "dtype") and hasattr(value, "shape")
+
+
+def _static(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def projection(fn: Callable) -> Callable:
+    """Makes `fn(w, **hyper)` one compiled XLA program in its compute dtype.
+
+    Python-number and `axis` arguments are compile-time constants (as in
+    Keras's own jitted step, so `1 - rate` is rounded the same way); arrays
+    and tracers are runtime arguments, so traced hyper-parameters never
+    retrace. An eager call therefore rounds exactly like a jitted one, and
+    inside an outer `jax.jit` the inner program is simply inlined.
+    bfloat16/float16 inputs are computed in float32 and cast back.
+    """
+    signature = inspect.signature(fn)
+    first = next(iter(signature.parameters))
+
+    @functools.lru_cache(maxsize=None)
+    def compiled(static_items):
+        static = dict(static_items)
+
+        def run(w, dynamic):
+            dtype = w.dtype
+            out = fn(w.astype(compute_dtype(dtype)), **static, **dynamic)
+            return out.astype(dtype) if dtype in _LOW_PRECISION else out
+
+        return jax.jit(run)
+
+    @functools.wraps(fn)
+    def wrapper(w, *args, **kwargs):
+        bound = signature.bind(w, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        w = jnp.asarray(arguments.pop(first))
+        static = {k: _static(v) for k, v in arguments.items() if not _is_array(v)}
+        dynamic = {k: v for k, v in arguments.items() if _is_array(v)}
+        return compiled(tuple(sorted(static.items())))(w, dynamic)
+
+    return wrapper
+
+
 def _safe_sqrt(x):
     # sqrt(0) has an infinite derivative; route zeros through sqrt(1) so the
     # gradient there is 0 (the forward value is unchanged: sqrt(0) == 0).
@@ -93,6 +139,11 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
     scaled = w * jnp.asarray(2.0**-k, w.dtype)
     sumsq_scaled = jnp.sum(scaled * scaled, axis=axes, keepdims=True)
     overflow = jnp.isinf(sumsq)
+    if all(w.shape[a] == 1 for a in axes):
+        # One entry per unit: XLA drops the size-1 sum and rewrites
+        # (w * 2**-k)**2 as (w * w) * 2**-2k, which overflows again (or
+        # flushes to 0). The norm of one entry is |w|, exactly.
+        return jnp.where(overflow, jnp.abs(w), _safe_sqrt(sumsq))
     return jnp.where(
         overflow, _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, w.dtype), _safe_sqrt(sumsq)
     )
@@ -104,7 +155,7 @@ def _overflow_exponent(dtype) -> int:
     return int(jnp.finfo(dtype).maxexp) // 2
 
 
-@in_compute_dtype
+@projection
 def max_norm(w: jax.Array, max_value=2, axis: AxisSpec = 0) -> jax.Array:
     """Rescales each unit whose norm exceeds `max_value` down to it.
 
@@ -135,7 +186,7 @@ def max_norm(w: jax.Array, max_value=2, axis: AxisSpec = 0) -> jax.Array:
     return w * (desired / (EPSILON + norms))
 
 
-@in_compute_dtype
+@projection
 def min_max_norm(
     w: jax.Array, min_value=0.0, max_value=1.0, rate=1.0, axis: AxisSpec = 0
 ) -> jax.Array:
@@ -168,7 +219,7 @@ def min_max_norm(
     return w * (desired / (EPSILON + norms))
 
 
-@in_compute_dtype
+@projection
 def unit_norm(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
     """Divides each unit by its norm (plus Keras's epsilon).
 
@@ -218,7 +269,7 @@ def clip(w: jax.Array, min_value=None, max_value=None) -> jax.Array:
     return w
 
 
-@in_compute_dtype
+@projection
 def center_around(w: jax.Array, ref_value=0.0) -> jax.Array:
     """Shifts `w` so its mean is `ref_value` (the Keras guide's custom example).
 

@@ -39,6 +39,10 @@ def _units(w: jax.Array, axis: AxisSpec):
 def _simplex_rows(v: jax.Array, scale) -> jax.Array:
     """Each row of `v` projected onto `{x >= 0, sum(x) = scale}` (scale >= 0)."""
     n = v.shape[-1]
+    # The projection commutes with shifts (theta moves with them); shifting the
+    # largest entry to 0 keeps the sums below in the range of `scale` rather
+    # than of |v| (e.g. [1e30, 1.0] with scale 1 gives [1, 0], not [0, 0]).
+    v = v - jnp.max(v, axis=-1, keepdims=True)
     desc = jnp.flip(jnp.sort(v, axis=-1), axis=-1)
     excess = jnp.cumsum(desc, axis=-1) - scale
     rank = jnp.arange(1, n + 1)

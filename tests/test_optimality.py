@@ -1,0 +1,295 @@
+"""The projections are the *nearest* feasible points, against math and numpy.
+
+* Convex sets: `P(w)` is the Euclidean projection of `w` onto a closed
+  convex set `C` exactly when `P(w)` is in `C` and the variational inequality
+  `<w - P(w), z - P(w)> <= 0` holds for every `z` in `C`. Feasible `z` are
+  made in numpy from each set's definition, anywhere in the set and in a small
+  neighbourhood of `P(w)` (which probes every direction along the boundary).
+* `SpectralNorm` / `Orthogonal` against `numpy.linalg.svd` (float64).
+* `l1_ball` / `simplex` against a numpy reference that finds the threshold by
+  bisection.
+
+Tolerances: the projections run in float32 (unit roundoff 6e-8); the
+inequality is checked on the cosine of the angle between `w - P` and `z - P`
+(dimensionless), which float32 rounding of `P` moves by about
+`n * 6e-8 * |w| / |z - P| ~ 2e-5` for the nearest samples here (|z - P| ~ 0.05
+per entry); we allow 1e-4, while a wrong projection gives cosines of 0.1 or more. Keras's `1e-7`
+epsilon puts `MaxNorm`'s result `1e-7 / norm` inside the sphere, far below
+that. Element comparisons use `atol = 1e-5 * max|w|`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_constraints as oc
+from optax_constraints import projections as P
+
+COS_TOL = 1e-4
+RNG = np.random.default_rng
+
+
+def _axes(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    if axis == "fan_in":
+        return tuple(range(ndim - 1))
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axis))
+
+
+def per_unit(w, axis, fn):
+    """Applies `fn` to each unit (the slice over `axis`) of a numpy array."""
+    axes = _axes(axis, w.ndim)
+    rest = [a for a in range(w.ndim) if a not in axes]
+    moved = np.transpose(w, rest + list(axes))
+    flat = moved.reshape(int(np.prod(moved.shape[: len(rest)])), -1)
+    out = np.stack([fn(row) for row in flat]).reshape(moved.shape)
+    return np.transpose(out, np.argsort(rest + list(axes)))
+
+
+# -- each set's "restore" map: any point -> a feasible point (not the projection,
+# except where that is trivial), written from the definition of the set. It is
+# also a membership test: restore(p) == p exactly when p is feasible.
+
+
+def scale_into_ball(m, axis):
+    def restore(z):
+        return per_unit(z, axis, lambda r: r * min(1.0, m / max(np.linalg.norm(r), 1e-30)))
+
+    return restore
+
+
+def scale_into_l1_ball(m, axis):
+    def restore(z):
+        return per_unit(z, axis, lambda r: r * min(1.0, m / max(np.abs(r).sum(), 1e-30)))
+
+    return restore
+
+
+def normalize_onto_simplex(s, axis):
+    def restore(z):
+        return per_unit(z, axis, lambda r: np.abs(r) * s / max(np.abs(r).sum(), 1e-30))
+
+    return restore
+
+
+def box(lo, hi):
+    return lambda z: np.clip(z, lo, hi)
+
+
+def recenter(ref):
+    return lambda z: z - z.mean() + ref
+
+
+def scale_into_spectral_ball(m):
+    def restore(z):
+        sigma = np.linalg.norm(z.reshape(-1, z.shape[-1]), 2)
+        return z * min(1.0, m / max(sigma, 1e-30))
+
+    return restore
+
+
+CONVEX = [
+    (oc.MaxNorm(1.0), scale_into_ball(1.0, 0), (6, 5)),
+    (oc.MaxNorm(2.0, axis="fan_in"), scale_into_ball(2.0, "fan_in"), (3, 3, 2, 4)),
+    (oc.L1Ball(1.0), scale_into_l1_ball(1.0, 0), (6, 5)),
+    (oc.L1Ball(2.0, axis="fan_in"), scale_into_l1_ball(2.0, "fan_in"), (3, 3, 2, 4)),
+    (oc.L1Ball(3.0, axis=None), scale_into_l1_ball(3.0, None), (6, 5)),
+    (oc.Simplex(), normalize_onto_simplex(1.0, 0), (6, 5)),
+    (oc.Simplex(2.0, axis=(0, 1)), normalize_onto_simplex(2.0, (0, 1)), (3, 3, 4)),
+    (oc.NonNeg(), np.abs, (6, 5)),
+    (oc.Clip(-0.5, 0.5), box(-0.5, 0.5), (6, 5)),
+    (oc.CenterAround(0.3), recenter(0.3), (6, 5)),
+    (oc.SpectralNorm(1.0, method="svd"), scale_into_spectral_ball(1.0), (6, 4)),
+    (oc.SpectralNorm(1.0, method="svd"), scale_into_spectral_ball(1.0), (3, 3, 2, 4)),
+]
+
+
+@pytest.mark.parametrize(
+    "constraint,restore,shape", CONVEX, ids=[f"{c!r}-{s}" for c, _, s in CONVEX]
+)
+def test_variational_inequality(constraint, restore, shape):
+    rng = RNG(0)
+    w = np.asarray(jnp.asarray(3.0 * rng.normal(size=shape) + 0.5, jnp.float32), np.float64)
+    p = np.asarray(constraint(jnp.asarray(w, jnp.float32)), np.float64)
+    d = w - p
+    assert np.linalg.norm(d) > 0.1, "the test point should be outside the set"
+    # P(w) is feasible.
+    np.testing.assert_allclose(restore(p), p, rtol=0, atol=1e-5 * np.abs(w).max())
+    # Feasible z: far (anywhere in the set), and near P(w), which probes every
+    # direction along the boundary at P(w), where a wrong answer shows.
+    far = [restore(rng.uniform(0.1, 3.0) * rng.normal(size=shape)) for _ in range(100)]
+    near = [restore(p + 0.05 * rng.normal(size=shape)) for _ in range(200)]
+    worst = -np.inf
+    for z in far + near:
+        gap = z - p
+        cos = np.sum(d * gap) / (np.linalg.norm(d) * np.linalg.norm(gap) + 1e-30)
+        worst = max(worst, cos)
+        # Equivalently: no sampled feasible point is nearer to w.
+        assert np.linalg.norm(w - z) >= np.linalg.norm(d) * (1 - 1e-6)
+    assert worst <= COS_TOL, f"<w - P(w), z - P(w)> > 0 (cosine {worst:.3g})"
+
+
+# -- SVD-based constraints against numpy ---------------------------------------
+
+
+def _np_svd(w):
+    a = w.reshape(-1, w.shape[-1]).astype(np.float64)
+    return np.linalg.svd(a, full_matrices=False)
+
+
+MATRIX_SHAPES = [(6, 4), (4, 6), (3, 3, 2, 4), (16, 16)]
+
+
+@pytest.mark.parametrize("shape", MATRIX_SHAPES)
+@pytest.mark.parametrize("max_value", [0.5, 2.0])
+def test_spectral_norm_svd_matches_numpy(shape, max_value):
+    w = np.asarray(jnp.asarray(RNG(1).normal(size=shape), jnp.float32), np.float64)
+    u, s, vt = _np_svd(w)
+    expected = ((u * np.minimum(s, max_value)) @ vt).reshape(shape)
+    got = np.asarray(oc.SpectralNorm(max_value, method="svd")(jnp.asarray(w, jnp.float32)))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("shape", MATRIX_SHAPES)
+def test_spectral_norm_power_call_matches_numpy(shape):
+    # Called directly, the power method rescales by the exact sigma_max.
+    w = np.asarray(jnp.asarray(RNG(2).normal(size=shape), jnp.float32), np.float64)
+    sigma = _np_svd(w)[1][0]
+    expected = w * min(1.0, 0.5 / sigma)
+    got = np.asarray(oc.SpectralNorm(0.5)(jnp.asarray(w, jnp.float32)))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+def test_spectral_norm_inside_is_returned_exactly():
+    w = jnp.asarray(RNG(3).normal(size=(5, 3)), jnp.float32)
+    big = float(np.linalg.norm(np.asarray(w), 2)) * 1.01
+    np.testing.assert_array_equal(oc.SpectralNorm(big, method="svd")(w), w)
+    np.testing.assert_array_equal(oc.SpectralNorm(big)(w), w)
+
+
+@pytest.mark.parametrize("shape", MATRIX_SHAPES)
+@pytest.mark.parametrize("method", ["svd", "newton_schulz"])
+def test_orthogonal_matches_numpy_polar_factor(shape, method):
+    # Gaussian kernels; the square 16x16 one has condition number ~ 30, the
+    # Newton–Schulz default (25 iterations) converges for condition up to ~2000.
+    w = np.asarray(jnp.asarray(RNG(4).normal(size=shape), jnp.float32), np.float64)
+    u, _, vt = _np_svd(w)
+    expected = (u @ vt).reshape(shape)
+    got = np.asarray(oc.Orthogonal(method)(jnp.asarray(w, jnp.float32)))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_newton_schulz_error_shrinks_with_iterations():
+    # Linear phase (factor ~1.5 per step on small singular values), then quadratic.
+    w = RNG(5).normal(size=(32, 16))
+    u, _, vt = np.linalg.svd(w, full_matrices=False)
+    errors = [
+        np.abs(
+            np.asarray(P.orthogonal_newton_schulz(jnp.asarray(w, jnp.float32), k)) - u @ vt
+        ).max()
+        for k in (2, 4, 6, 8, 12)
+    ]
+    assert all(a > b for a, b in itertools.pairwise(errors[:-1])), errors
+    assert errors[-1] < 1e-5
+
+
+def test_power_iteration_converges_to_numpy_sigma():
+    # A spectral gap of 2 (s2/s1 = 0.5): the sigma error shrinks like 0.25^k.
+    rng = RNG(6)
+    q1, _ = np.linalg.qr(rng.normal(size=(8, 4)))
+    q2, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    a = jnp.asarray((q1 * np.array([4.0, 2.0, 1.0, 0.5])) @ q2.T, jnp.float32)
+    u0 = jnp.ones(4) / 2
+    errors = [abs(float(P.power_iteration(a, u0, k)[0]) - 4.0) for k in (1, 3, 6, 12)]
+    assert all(e >= 0 for e in errors)
+    assert errors[-1] < 1e-5 * 4.0, errors
+    assert errors[0] > errors[1] > errors[2], errors
+    sigma, u, v = P.power_iteration(a, u0, 30)
+    assert float(sigma) <= 4.0 * (1 + 1e-6)  # a lower bound, up to rounding
+    np.testing.assert_allclose(abs(np.asarray(u) @ q2[:, 0]), 1.0, atol=1e-5)
+    np.testing.assert_allclose(abs(np.asarray(v) @ q1[:, 0]), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["spectral_norm_svd", "orthogonal_svd"])
+def test_svd_gradients_match_generic_autodiff(fn):
+    # Where singular values are distinct, JAX's own SVD derivative is correct:
+    # our divided-difference JVP (finite everywhere) must agree with it there.
+    rng = RNG(7)
+    w = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+
+    def generic(a):
+        u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+        f = jnp.minimum(s, 1.0) if fn == "spectral_norm_svd" else jnp.ones_like(s)
+        return (u * f) @ vt
+
+    ours = getattr(P, fn) if fn == "orthogonal_svd" else (lambda a: P.spectral_norm_svd(a, 1.0))
+    g_ours = jax.grad(lambda a: jnp.sum(ours(a) * cot))(w)
+    g_generic = jax.grad(lambda a: jnp.sum(generic(a) * cot))(w)
+    np.testing.assert_allclose(g_ours, g_generic, rtol=1e-4, atol=1e-4)
+    g_wide = jax.grad(lambda a: jnp.sum(ours(a.T) * cot.T))(w)  # the transposed view
+    np.testing.assert_allclose(g_wide, g_generic, rtol=1e-4, atol=1e-4)
+
+
+# -- L1 ball and simplex against a bisection reference ------------------------
+
+
+def simplex_reference(v, s):
+    """Projection of one vector onto {x >= 0, sum x = s}: bisection on theta."""
+    lo, hi = v.min() - s / v.size - 1.0, v.max()
+    for _ in range(200):
+        theta = (lo + hi) / 2
+        lo, hi = (theta, hi) if np.maximum(v - theta, 0).sum() > s else (lo, theta)
+    return np.maximum(v - (lo + hi) / 2, 0)
+
+
+def l1_reference(v, m):
+    if np.abs(v).sum() <= m:
+        return v
+    return np.sign(v) * simplex_reference(np.abs(v), m)
+
+
+AXES = [((6, 5), 0), ((6, 5), -1), ((6, 5), None), ((3, 3, 2, 4), "fan_in"), ((3, 4, 5), (0, 2))]
+
+
+@pytest.mark.parametrize("shape,axis", AXES, ids=[f"{s}-{a}" for s, a in AXES])
+@pytest.mark.parametrize("radius", [0.0, 0.5, 4.0])
+def test_l1_ball_matches_bisection(shape, axis, radius):
+    w = RNG(8).normal(size=shape) * 2
+    w.reshape(-1)[:3] = w.reshape(-1)[3]  # ties
+    w32 = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+    expected = per_unit(w32, axis, lambda r: l1_reference(r, radius))
+    got = np.asarray(P.l1_ball(jnp.asarray(w32, jnp.float32), radius, axis), np.float64)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(w32).max())
+
+
+@pytest.mark.parametrize("shape,axis", AXES, ids=[f"{s}-{a}" for s, a in AXES])
+@pytest.mark.parametrize("scale", [0.5, 1.0, 10.0])
+def test_simplex_matches_bisection(shape, axis, scale):
+    w = RNG(9).normal(size=shape) * 2
+    w.reshape(-1)[:3] = w.reshape(-1)[3]  # ties
+    w32 = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+    expected = per_unit(w32, axis, lambda r: simplex_reference(r, scale))
+    got = np.asarray(P.simplex(jnp.asarray(w32, jnp.float32), scale, axis), np.float64)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * max(np.abs(w32).max(), scale))
+
+
+def test_l1_ball_units_inside_are_returned_bit_for_bit():
+    rng = RNG(10)
+    w = rng.normal(size=(7, 3)).astype(np.float32)
+    w[:, 1] *= 1e-3  # this unit is inside the ball of radius 1
+    out = np.asarray(oc.L1Ball(1.0)(jnp.asarray(w)))
+    np.testing.assert_array_equal(out[:, 1], w[:, 1])
+    assert np.abs(out[:, 0]).sum() <= 1.0 + 1e-6 and np.abs(out[:, 0]).sum() >= 1.0 - 1e-5
+
+
+def test_simplex_of_zero_unit_is_uniform():
+    out = np.asarray(oc.Simplex(3.0)(jnp.zeros((4, 2))))
+    np.testing.assert_allclose(out, np.full((4, 2), 0.75), rtol=1e-6)
