@@ -81,7 +81,7 @@ def projection(fn: Callable) -> Callable:
     signature = inspect.signature(fn)
     first = next(iter(signature.parameters))
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def compiled(static_items):
         static = dict(static_items)
 
