@@ -145,7 +145,7 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
                 f"No label for the parameter at '{leaf.path_str}' (shape"
                 f" {tuple(getattr(leaf.value, 'shape', ()))}): the labels tree does not"
                 f" fit the params. Label paths given: {_sample(entries)}."
-                f"{_level_hint(leaf.path, entries)} {LABELS_HELP}"
+                f"{_level_hint(leaf.path, entries, 'params', 'labels')} {LABELS_HELP}"
             )
     if len(used) < len(entries):
         # A label may point into a None / MaskedNode part of the params: fine.
@@ -160,23 +160,31 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
                 f"The label at '{path_to_str(path)}' matches no parameter: the labels tree"
                 f" does not fit the params. Parameter paths:"
                 f" {_sample([lf.path for lf in leaves])}."
-                f"{_level_hint(path, [lf.path for lf in leaves])} {LABELS_HELP}"
+                f"{_level_hint(path, [lf.path for lf in leaves], 'labels', 'params')} {LABELS_HELP}"
             )
     return out
 
 
-def _level_hint(path: Path, others) -> str:
-    """Spots the usual misfit: one tree has an extra top level (e.g. 'params')."""
+def _level_hint(path: Path, others, this: str, other: str) -> str:
+    """Spots the usual misfit: one tree has an extra top level (e.g. 'params').
+
+    `path` is from the `this` tree and found no partner among `others`, the
+    paths of the `other` tree.
+    """
     others = set(others)
     if len(path) > 1 and path[1:] in others:
-        return f" (Drop the top-level key {path[0]!r}: the other tree starts one level lower.)"
-    for other in others:
-        if len(other) == len(path) + 1 and other[1:] == path:
-            return (
-                f" (The other tree has an extra top-level key {other[0]!r}: pass the"
-                f" subtree under {other[0]!r}, or add that level.)"
-            )
-    return ""
+        extra, where = path[0], this
+    else:
+        extra = next((o[0] for o in others if len(o) == len(path) + 1 and o[1:] == path), None)
+        where = other
+        if extra is None:
+            return ""
+    lacking = other if where == this else this
+    example = " (variables['params'], not variables)" if extra == "params" else ""
+    return (
+        f" (The {where} have an extra top-level key {extra!r} that the {lacking} lack:"
+        f" pass the {where}' subtree under {extra!r}{example}.)"
+    )
 
 
 def _sample(paths, n: int = 6) -> str:
@@ -194,6 +202,17 @@ GLOB_HELP = (
 )
 
 
+def _double_star(i: int, last: int) -> str:
+    """Zero or more whole segments; the token also carries the "/" around it."""
+    if last == 0:
+        return ".*"  # the pattern is just '**'
+    if i == 0:
+        return "(?:.*/)?"  # '**/b': any leading segments
+    if i == last:
+        return "(?:/.*)?"  # 'a/**': any trailing segments
+    return "/(?:.*/)?"  # 'a/**/b': any segments in between
+
+
 @functools.cache
 def _compile_glob(pattern: str) -> re.Pattern:
     """A glob over "/"-joined paths as a regular expression (cached per pattern)."""
@@ -207,16 +226,7 @@ def _compile_glob(pattern: str) -> re.Pattern:
     regex = []
     for i, seg in enumerate(segments):
         if seg == "**":
-            # Zero or more whole segments; this token carries the separators around it.
-            regex.append(
-                ".*"
-                if last == 0
-                else "(?:.*/)?"
-                if i == 0
-                else "(?:/.*)?"
-                if i == last
-                else "/(?:.*/)?"
-            )
+            regex.append(_double_star(i, last))
             continue
         if i > 0 and segments[i - 1] != "**":
             regex.append("/")

@@ -76,12 +76,14 @@ def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = T
         try:
             constraint = constraints[label]
         except (KeyError, TypeError):
+            used = _labels_used(params, param_labels)
+            missing = {lb for lb in used if lb not in constraints}
             raise ValueError(
                 f"The parameter at '{leaf.path_str}' (shape {_shape(leaf.value)}) has label"
-                f" {label!r}, which is not a key of constraints. Labels used:"
-                f" {sorted(map(repr, _labels_used(params, param_labels)))}; constraints"
-                f" keys: {sorted(map(repr, constraints))}. Add {label!r} to constraints or"
-                " label the leaf None to leave it unconstrained."
+                f" {label!r}, which is not a key of constraints. Labels in use:"
+                f" {_set(used)}; constraints keys: {_set(constraints)}; missing:"
+                f" {_set(missing)}. Add the missing labels to constraints (a value of None"
+                " leaves a label unconstrained), or relabel those leaves."
             ) from None
         if check and constraint is not None:
             _check(leaf, label, constraint)
@@ -91,6 +93,10 @@ def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = T
 
 def _labels_used(params, param_labels) -> set:
     return {label for _, label in resolve_labels(params, param_labels) if label is not None}
+
+
+def _set(labels) -> str:
+    return "{" + ", ".join(sorted(map(repr, labels))) + "}"
 
 
 def _check(leaf: Leaf, label, constraint: C.Constraint) -> None:
@@ -104,11 +110,15 @@ def _check(leaf: Leaf, label, constraint: C.Constraint) -> None:
     try:
         constraint.check_leaf(shape, dtype)
     except ValueError as err:
-        raise ValueError(
-            f"{constraint!r} does not fit {where}: {err}. Choose an axis that exists for"
-            " this leaf (axis='fan_in' means every axis but the last), or route the leaf"
-            " to another label."
-        ) from None
+        reason = str(err).rstrip(".")
+        fix = (
+            ""
+            if "route" in reason  # the reason already says how to fix it
+            else f" Give label {label!r} a constraint whose axis exists for a {len(shape)}-d"
+            " leaf (axis='fan_in' means every axis but the last), or route this leaf to"
+            " another label (a rule mapping it to None leaves it unconstrained)."
+        )
+        raise ValueError(f"{constraint!r} does not fit {where}: {reason}.{fix}") from None
 
 
 def routing_report(params: PyTree, constraints: Constraints, param_labels=None) -> str:

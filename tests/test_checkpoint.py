@@ -41,9 +41,7 @@ def make_tx():
         optax.adam(0.05),
         oc.project(
             {"kernel": CountingMaxNorm(1.0), "bias": oc.NonNeg(), "out": oc.UnitNorm()},
-            oc.label_by_path(
-                {"Dense_1/kernel": "out", "**/kernel": "kernel", "**/bias": "bias"}
-            ),
+            oc.label_by_path({"Dense_1/kernel": "out", "**/kernel": "kernel", "**/bias": "bias"}),
         ),
     )
 
@@ -123,12 +121,11 @@ def test_orbax_round_trip(tmp_path, checkpointer):
     if checkpointer == "StandardCheckpointer":
         restored = ckptr.restore(path, target)
     else:
-        restored = ckptr.restore(path, item=target)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        restored = ckptr.restore(path, item=target, restore_args=restore_args)
     # Orbax restores NamedTuples from the target's structure.
     chex.assert_trees_all_equal(restored["params"], params)
-    chex.assert_trees_all_equal(
-        jax.tree.leaves(restored["opt_state"]), jax.tree.leaves(opt_state)
-    )
+    chex.assert_trees_all_equal(jax.tree.leaves(restored["opt_state"]), jax.tree.leaves(opt_state))
     assert jax.tree.structure(restored["opt_state"]) == jax.tree.structure(opt_state)
 
 

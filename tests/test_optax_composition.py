@@ -53,7 +53,10 @@ def make_params(seed=0):
     return {
         # Infeasible from the start (unit norms ~ 3 * sqrt(4) > MAX), so the
         # projection is active on the first step.
-        "dense": {"kernel": 3.0 * jax.random.normal(k1, (4, 3)), "bias": jnp.full((3,), 0.05, jnp.float32)},
+        "dense": {
+            "kernel": 3.0 * jax.random.normal(k1, (4, 3)),
+            "bias": jnp.full((3,), 0.05, jnp.float32),
+        },
         "out": {"kernel": jax.random.normal(k2, (3, 2)), "bias": jax.random.normal(k3, (2,))},
     }
 
@@ -68,7 +71,9 @@ def grads_sequence(n, seed=1):
     params = make_params()
     keys = jax.random.split(jax.random.key(seed), n)
     return [
-        jax.tree.map(lambda p, k=k: jax.random.normal(jax.random.fold_in(k, p.size), p.shape), params)
+        jax.tree.map(
+            lambda p, k=k: jax.random.normal(jax.random.fold_in(k, p.size), p.shape), params
+        )
         for k in keys
     ]
 
@@ -162,11 +167,14 @@ def test_partition_with_a_frozen_part_projects_inside_one_partition(api):
     partition = getattr(optax, api)
     # "dense" trains and is constrained; "out" is frozen.
     trainable_labels = {"dense": "train", "out": "frozen"}
-    train = optax.chain(optax.adam(0.1), oc.project(CONSTRAINTS, oc.label_by_path(
-        {"dense/kernel": "k", "dense/bias": "b"})))
+    train = optax.chain(
+        optax.adam(0.1),
+        oc.project(CONSTRAINTS, oc.label_by_path({"dense/kernel": "k", "dense/bias": "b"})),
+    )
     tx = partition({"train": train, "frozen": optax.set_to_zero()}, trainable_labels)
-    plain_tx = partition({"train": optax.adam(0.1), "frozen": optax.set_to_zero()},
-                         trainable_labels)
+    plain_tx = partition(
+        {"train": optax.adam(0.1), "frozen": optax.set_to_zero()}, trainable_labels
+    )
     step, plain_step = jitted_step(tx), jitted_step(plain_tx)
     params = plain = make_params()
     state, plain_state = tx.init(params), plain_tx.init(plain)
@@ -179,8 +187,10 @@ def test_partition_with_a_frozen_part_projects_inside_one_partition(api):
         plain, plain_state = plain_step(plain, plain_state, grads)
         check_constrained_leaves(new, params, inner_updates)
         assert_bitwise(new["out"], frozen)  # frozen, exactly
-        assert_bitwise(state.inner_states["train"].inner_state[0],
-                       plain_state.inner_states["train"].inner_state)
+        assert_bitwise(
+            state.inner_states["train"].inner_state[0],
+            plain_state.inner_states["train"].inner_state,
+        )
         params = new
 
 
@@ -190,11 +200,13 @@ def test_project_outside_partition_still_reaches_frozen_leaves():
     # which moves even a feasible unit by ~1e-7 relative, so a frozen leaf
     # routed to it drifts. Label frozen leaves None (or project inside).
     params = {"train": jnp.ones((3, 2)) * 0.1, "frozen": jnp.ones((3, 2)) * 0.1}
-    part = optax.partition({"t": optax.sgd(0.1), "f": optax.set_to_zero()},
-                           {"train": "t", "frozen": "f"})
+    part = optax.partition(
+        {"t": optax.sgd(0.1), "f": optax.set_to_zero()}, {"train": "t", "frozen": "f"}
+    )
     everywhere = optax.chain(part, oc.project(oc.MaxNorm(MAX)))
-    skip_frozen = optax.chain(part, oc.project({"k": oc.MaxNorm(MAX)},
-                                               {"train": "k", "frozen": None}))
+    skip_frozen = optax.chain(
+        part, oc.project({"k": oc.MaxNorm(MAX)}, {"train": "k", "frozen": None})
+    )
     grads = jax.tree.map(jnp.ones_like, params)
     for tx, drifts in [(everywhere, True), (skip_frozen, False)]:
         new, _ = jitted_step(tx)(params, tx.init(params), grads)
@@ -303,13 +315,16 @@ def test_multisteps_projects_only_on_emitting_steps():
             # Accumulation step: MultiSteps emits zeros, nothing is projected.
             assert_bitwise(params, old)
         else:
-            mean = jax.tree.map(lambda *g: np.mean(np.stack(g), 0, dtype=np.float64),
-                                *grads_seq[i - k: i])
+            mean = jax.tree.map(
+                lambda *g: np.mean(np.stack(g), 0, dtype=np.float64), *grads_seq[i - k : i]
+            )
             sgd_updates = jax.tree.map(lambda g: -0.1 * g, mean)
             check_constrained_leaves(params, old, sgd_updates)
             for path in UNCONSTRAINED:
-                assert_close64(get(params, path),
-                               np.asarray(get(old, path), np.float64) + get(sgd_updates, path))
+                assert_close64(
+                    get(params, path),
+                    np.asarray(get(old, path), np.float64) + get(sgd_updates, path),
+                )
     # The projection's own step counter only advanced on emitting steps.
     assert int(state.inner_opt_state[1].count) == 2
 
@@ -382,8 +397,10 @@ def test_nnx_optimizer_projects():
     model.kernel.value = 3.0 * model.kernel.value + 1.0  # infeasible start
     tx = optax.chain(
         optax.sgd(0.1),
-        oc.project({"k": oc.MaxNorm(MAX), "b": oc.NonNeg()},
-                   oc.label_by_path({"**/kernel": "k", "**/bias": "b"})),
+        oc.project(
+            {"k": oc.MaxNorm(MAX), "b": oc.NonNeg()},
+            oc.label_by_path({"**/kernel": "k", "**/bias": "b"}),
+        ),
     )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(3), (8, 4))

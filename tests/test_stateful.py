@@ -1,0 +1,179 @@
+"""State carried by `project`: power iteration, checkpoints, schedules, every_k_steps.
+
+References are numpy's SVD and plain arithmetic on the optimizer's own
+(unprojected) updates.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_constraints as oc
+
+
+def sigma_max(w) -> float:
+    a = np.asarray(w, np.float64)
+    return float(np.linalg.norm(a.reshape(-1, a.shape[-1]), 2))
+
+
+def _kernel(shape, sigma, seed=0):
+    w = np.random.default_rng(seed).normal(size=shape)
+    return jnp.asarray(w * sigma / sigma_max(w), jnp.float32)
+
+
+def _regression(shape, seed=1):
+    """A least-squares problem whose optimum has sigma_max = 5: it pushes against the bound."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(64, shape[0])), jnp.float32)
+    target = _kernel(shape, 5.0, seed=2)
+    y = x @ target
+
+    def loss(params):
+        return jnp.mean((x @ params["kernel"] + params["bias"] - y) ** 2)
+
+    return loss
+
+
+def _train(tx, params, loss, steps):
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    history = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        history.append((params, state))
+    return history
+
+
+def _power_tx(max_value=1.0, lr=1e-2, **kwargs):
+    return optax.chain(
+        optax.adam(lr),
+        oc.project(
+            {"k": oc.SpectralNorm(max_value, method="power", **kwargs)},
+            {"kernel": "k", "bias": None},
+        ),
+    )
+
+
+def test_power_iteration_holds_the_bound_from_an_infeasible_start():
+    shape, bound = (16, 8), 1.0
+    params = {"kernel": _kernel(shape, 5.0 * bound), "bias": jnp.zeros(8)}
+    history = _train(_power_tx(bound), params, _regression(shape), steps=30)
+    sigmas = [sigma_max(p["kernel"]) for p, _ in history]
+    assert sigmas[-1] <= 1.02 * bound, sigmas
+    assert abs(sigmas[-1] - bound) <= 0.02 * bound, sigmas
+    # The vector lives in the state, under the leaf's path, and moves with the weights.
+    us = [np.asarray(s[1].constraint_states["kernel"]) for _, s in history]
+    assert us[0].shape == (8,)
+    assert all(np.abs(a - b).max() > 0 for a, b in itertools.pairwise(us))
+    # ... towards numpy's top right singular vector of the final kernel.
+    v_top = np.linalg.svd(np.asarray(history[-1][0]["kernel"], np.float64))[2][0]
+    assert abs(us[-1] @ v_top) / np.linalg.norm(us[-1]) > 0.99
+
+
+def test_power_iteration_is_a_lower_bound_that_converges():
+    # Fresh u (no warm start) on a fixed kernel: the estimate increases to sigma_max.
+    w = _kernel((16, 8), 3.0)
+    c = oc.SpectralNorm(1.0)
+    u = jnp.ones(8) / np.sqrt(8)
+    estimates = []
+    for _ in range(30):
+        sigma, u, _ = oc.projections.power_iteration(w, u, 1)
+        estimates.append(float(sigma))
+    assert all(e <= 3.0 * (1 + 1e-6) for e in estimates)
+    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(estimates))
+    assert abs(estimates[-1] - 3.0) < 1e-3
+    # init_state warms u up on the initial kernel: the first step is already close.
+    u0 = c.init_state(w)
+    w1, _ = c.apply(w, u0, jnp.asarray(0))
+    assert abs(sigma_max(w1) - 1.0) < 0.01
+
+
+@pytest.mark.parametrize(
+    "constraint", [oc.MaxNorm(1.0), oc.NonNeg(), oc.SpectralNorm(method="svd"), oc.Orthogonal()]
+)
+def test_stateless_constraints_keep_no_state(constraint):
+    params = {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}
+    state = oc.project({"k": constraint}, {"kernel": "k", "bias": None}).init(params)
+    assert state.constraint_states == {}
+
+
+def test_state_survives_a_flax_checkpoint_round_trip():
+    shape = (16, 8)
+    params = {"kernel": _kernel(shape, 5.0), "bias": jnp.zeros(8)}
+    tx, loss = _power_tx(), _regression(shape)
+    params, state = _train(tx, params, loss, steps=3)[-1]
+
+    restored = flax.serialization.from_state_dict(
+        tx.init(params), flax.serialization.to_state_dict(state)
+    )
+    from_bytes = flax.serialization.from_bytes(tx.init(params), flax.serialization.to_bytes(state))
+    for other in (restored, from_bytes):
+        assert jax.tree.structure(other) == jax.tree.structure(state)
+        for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(a, b)
+    # Training resumes identically from the restored state.
+    grads = jax.grad(loss)(params)
+    expected, _ = tx.update(grads, state, params)
+    got, _ = tx.update(grads, restored, params)
+    np.testing.assert_array_equal(got["kernel"], expected["kernel"])
+
+
+@pytest.mark.parametrize("method", ["svd", "power"])
+def test_scheduled_bound_moves_over_steps(method):
+    schedule = optax.linear_schedule(4.0, 1.0, transition_steps=6)
+    params = {"kernel": _kernel((8, 4), 5.0)}
+    tx = optax.chain(
+        optax.sgd(0.0),  # zero updates: only the projection moves the kernel
+        oc.project(oc.SpectralNorm(schedule, method=method)),
+    )
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for k in range(8):
+        updates, state = step(jax.tree.map(jnp.zeros_like, params), state, params)
+        params = optax.apply_updates(params, updates)
+        # The k-th update (counting from 0) uses the bound at step k.
+        expected = 4.0 - 3.0 * min(k, 6) / 6
+        np.testing.assert_allclose(sigma_max(params["kernel"]), expected, rtol=2e-3)
+
+
+def test_every_k_steps_projects_only_on_multiples_of_k():
+    k = 3
+    params = {"w": jnp.asarray([[0.5, -0.2], [0.1, 0.3]]), "u": jnp.full((4, 2), 0.1)}
+    grads = {"w": jnp.full((2, 2), -1.0), "u": jnp.full((4, 2), -1.0)}  # pushes weights up
+    constraints = {"nn": oc.NonNeg(), "mx": oc.MaxNorm(0.5), "sn": oc.SpectralNorm(0.5)}
+    tx = optax.chain(
+        optax.sgd(0.5),
+        oc.project(
+            {"mx": constraints["mx"], "sn": constraints["sn"]},
+            {"w": "mx", "u": "sn"},
+            every_k_steps=k,
+        ),
+    )
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for n in range(1, 2 * k + 2):
+        u_before = np.asarray(state[1].constraint_states["u"])
+        updates, state = step(grads, state, params)
+        new = optax.apply_updates(params, updates)
+        u_after = np.asarray(state[1].constraint_states["u"])
+        if n % k:  # not due: the plain SGD update, untouched; the state too
+            for name in params:
+                np.testing.assert_array_equal(updates[name], 0.5 * np.ones(params[name].shape))
+            np.testing.assert_array_equal(u_after, u_before)
+        else:  # due: both leaves feasible after the update
+            assert np.linalg.norm(np.asarray(new["w"]), axis=0).max() <= 0.5 * (1 + 1e-6)
+            assert sigma_max(new["u"]) <= 0.5 * (1 + 1e-3)
+            assert sigma_max(params["u"]) > 0.5  # it was infeasible before
+        params = new
