@@ -4,7 +4,7 @@ Checks that one rule set labels the same leaves on every pytree users train
 (dicts, `FrozenDict`, Linen `TrainState.params`, `nnx.State` with and without
 `Param` wrappers, lists, tuples, dataclasses, `None` and `MaskedNode`), that
 `axis="fan_in"` resolves per leaf, that misfits fail at `init` with the leaf
-named, and that every rule in docs/routing.md lands where it says on real
+named, and that every rule in the README routing section lands where it says on real
 Flax modules.
 """
 
@@ -25,7 +25,7 @@ from flax.training import train_state
 
 import optax_constraints as oc
 
-ROUTING_DOC = Path(__file__).resolve().parents[1] / "docs" / "routing.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 # --- helpers (independent of the code under test) ------------------------------
@@ -660,15 +660,18 @@ def test_thousand_leaf_tree_routes_every_leaf():
     assert int(state.count) == 0
 
 
-# --- every rule in docs/routing.md, on real Flax modules ------------------------------
+# --- every rule in the README routing section, on real Flax modules ----------------
 
 
 @pytest.fixture(scope="module")
 def doc():
-    """Runs docs/routing.md's Python blocks; returns their namespace."""
+    """Runs the README routing section's Python blocks; returns their namespace."""
     namespace: dict = {}
-    for block in re.findall(r"```python\n(.*?)```", ROUTING_DOC.read_text(), flags=re.S):
-        exec(compile(block, str(ROUTING_DOC), "exec"), namespace)
+    text = README.read_text()
+    section = text[text.index("## Routing") :]
+    section = section[: section.index("\n## ", 1)]
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
+        exec(compile(block, str(README), "exec"), namespace)
     return namespace
 
 
