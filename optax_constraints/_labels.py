@@ -152,8 +152,8 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
         empty_set = set(empty)
         empty_prefixes = {e[:cut] for e in empty for cut in range(len(e) + 1)}
         for path in entries:
-            if path in used or path in empty_prefixes:
-                continue
+            if path in used or path in empty_prefixes or not path:
+                continue  # (a label at the root covers any tree, even one without leaves)
             if any(path[:cut] in empty_set for cut in range(len(path))):
                 continue
             raise ValueError(
@@ -303,7 +303,13 @@ def label_by_path(
     >>> labels(params)
     {'Dense_0': {'bias': 'non_neg', 'kernel': 'max_norm'}, 'LayerNorm_0': {'bias': None, 'scale': None}}
     """
-    rules = dict(rules)
+    try:
+        rules = dict(rules)
+    except (TypeError, ValueError):
+        raise TypeError(
+            "label_by_path: rules must be a mapping glob pattern -> label (or a list of"
+            f" (pattern, label) pairs), e.g. {{'**/kernel': 'kernel'}}; got {rules!r}."
+        ) from None
     compiled = [(pattern, _compile_glob(pattern), label) for pattern, label in rules.items()]
     for pattern, _, label in compiled:
         _check_hashable(label, f"the label of rule {pattern!r}")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from optax_constraints import constraints as C
@@ -40,6 +41,13 @@ def as_constraint(obj) -> C.Constraint | None:
 
 def normalize(constraints: Constraints, param_labels) -> tuple[dict, Any]:
     """`(label -> Constraint mapping, labels)`; a lone constraint labels every leaf."""
+    if constraints is None:
+        raise TypeError(
+            "constraints is None, which would constrain nothing. Pass a constraint (e.g."
+            " oc.MaxNorm(3.0)) or a mapping label -> constraint; to leave some leaves"
+            " unconstrained, map their label to None (e.g. {'kernel': oc.MaxNorm(3.0),"
+            " 'bias': None})."
+        )
     if not isinstance(constraints, Mapping):
         if param_labels is not None:
             raise TypeError(
@@ -113,12 +121,30 @@ def _check(leaf: Leaf, label, constraint: C.Constraint) -> None:
         reason = str(err).rstrip(".")
         fix = (
             ""
-            if "route" in reason  # the reason already says how to fix it
+            if "route" in reason or not hasattr(constraint, "axis")  # it says how to fix it
             else f" Give label {label!r} a constraint whose axis exists for a {len(shape)}-d"
             " leaf (axis='fan_in' means every axis but the last), or route this leaf to"
             " another label (a rule mapping it to None leaves it unconstrained)."
         )
         raise ValueError(f"{constraint!r} does not fit {where}: {reason}.{fix}") from None
+    builtin = type(constraint).__module__.startswith("optax_constraints.")
+    if not builtin or isinstance(constraint, C.FunctionConstraint):
+        _check_output_shape(constraint, shape, dtype, where)
+
+
+def _check_output_shape(constraint, shape, dtype, where: str) -> None:
+    """A user's constraint must map a leaf to an array of the same shape."""
+    try:
+        out = jax.eval_shape(constraint, jax.ShapeDtypeStruct(shape, dtype))
+    except TypeError:  # not abstractly traceable (e.g. NumPy inside): checked when called
+        return
+    got = getattr(out, "shape", None)
+    if got != shape:
+        returned = f"shape {got}" if got is not None else f"{type(out).__name__} {out!r}"
+        raise ValueError(
+            f"{constraint!r} returns {returned} for {where}: a constraint must return an array of the leaf's shape"
+            " (w -> projected w), not a reduction or a pytree."
+        )
 
 
 def routing_report(params: PyTree, constraints: Constraints, param_labels=None) -> str:

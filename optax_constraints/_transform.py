@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_constraints._routing import Constraints, Route, normalize, route
+from optax_constraints.constraints._base import Constraint, update_and_target
 
 PyTree = Any
 
@@ -118,11 +119,16 @@ def project(
         def projected(operands):
             flat_u, states = operands
             flat_u, states = list(flat_u), dict(states)
+            order = _InGroups()
             for r in routes:
-                i, key = r.leaf.index, r.leaf.path_str
-                flat_u[i], new_state = r.constraint.project_update(
-                    flat_params[i], flat_u[i], states.get(key), state.count
-                )
+                i, key, c = r.leaf.index, r.leaf.path_str, r.constraint
+                args = (flat_params[i], flat_u[i], states.get(key), state.count)
+                if type(c).project_update is Constraint.project_update:
+                    args = (args[0], order.after_previous_group(args[1]), *args[2:])
+                    flat_u[i], new_state, target = update_and_target(c, *args)
+                    order.add(target)
+                else:  # an exact update-space form (NonNeg): elementwise, nothing to order
+                    flat_u[i], new_state = c.project_update(*args)
                 if key in states:
                     states[key] = new_state
             return flat_u, states
@@ -137,6 +143,50 @@ def project(
         return jax.tree.unflatten(treedef, flat_updates), ProjectState(new_count, states)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+GROUP_BYTES = 8 * 2**20
+"""Leaves projected concurrently by `project`, in bytes of their targets (see `_InGroups`)."""
+
+
+class _InGroups:
+    """Orders the leaves' projections in groups of about `GROUP_BYTES`.
+
+    A norm-type projection of `q = p + u` reads `q` twice (the norms, then the
+    rescaling) and needs `p` again for `C(q) - p`, so XLA writes `q` to a
+    temporary buffer. XLA:CPU's default scheduler runs the program breadth
+    first, for concurrency: every leaf's `q` is computed before the first one
+    is consumed, so all of them are live at once (one full copy of the
+    constrained parameters, freshly mapped and page-faulted on every step).
+
+    Here each group's updates depend on the previous group's targets through
+    a scalar that is always exactly 0.0 (`u - 0.0 == u` bit for bit, `-0.0`
+    and NaN included): a reduction over a corner of each target, which XLA
+    cannot prove constant. A reduction stays a step of its own, one level
+    below the rescaling pass, so a breadth-first schedule finishes a group's
+    rescaling before it starts the next group's `q`, and the temporary
+    buffers are reused. Memory-minimising schedulers need no help; on them
+    the extra work is a few scalar operations per leaf.
+    """
+
+    def __init__(self, group_bytes: int = GROUP_BYTES):
+        self.group_bytes = group_bytes
+        self.previous = None  # 0.0, computed from the previous group's targets
+        self.current: list[jax.Array] = []
+        self.current_bytes = 0
+
+    def after_previous_group(self, update: jax.Array) -> jax.Array:
+        if self.previous is None:
+            return update
+        return update - self.previous.astype(update.dtype)
+
+    def add(self, target: jax.Array) -> None:
+        corner = target.reshape(-1)[:8]
+        self.current.append((jnp.sum(corner) > 0).astype(jnp.float32) * 0)
+        self.current_bytes += target.size * target.dtype.itemsize
+        if self.current_bytes >= self.group_bytes:
+            self.previous = sum(self.current[1:], self.current[0])
+            self.current, self.current_bytes = [], 0
 
 
 def _routes(params, constraints, param_labels) -> list[Route]:

@@ -258,3 +258,43 @@ def test_through_project(case, shape, dtype):
         residual = case.residual(_np(new["w"]))
         assert residual <= tol, f"infeasible after apply_updates: {residual:.3g} > {tol:.3g}"
         params = new
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_config_round_trip(case):
+    c = case.constraint
+    for rebuilt in (
+        type(c).from_config(c.get_config()),
+        oc.deserialize(oc.serialize(c)),
+        oc.get(oc.serialize(c)),
+    ):
+        assert type(rebuilt) is type(c) and rebuilt == c and hash(rebuilt) == hash(c)
+    assert isinstance(oc.get(type(c).__name__), type(c))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: oc.L1Ball(-1.0), "max_value must be >= 0"),
+        (lambda: oc.L1Ball(axis="rows"), "axis must be"),
+        (lambda: oc.Simplex(0.0), "scale must be > 0"),
+        (lambda: oc.Simplex(axis=[0, 0]), "repeated"),
+        (lambda: oc.SpectralNorm(-0.5), "max_value must be >= 0"),
+        (lambda: oc.SpectralNorm(method="exact"), "method must be one of 'power', 'svd'"),
+        (lambda: oc.SpectralNorm(num_iters=0), "num_iters must be an int >= 1"),
+        (lambda: oc.Orthogonal(method="qr"), "method must be one of 'svd', 'newton_schulz'"),
+        (lambda: oc.Orthogonal(num_iters=2.5), "num_iters must be an int >= 1"),
+    ],
+)
+def test_bad_hyperparameters_fail_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("constraint", [oc.SpectralNorm(), oc.Orthogonal()], ids=repr)
+def test_matrix_constraints_reject_1d_leaves_at_init(constraint):
+    params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    with pytest.raises(ValueError, match=r"dense/bias.*\(2,\).*at least 2 dimensions"):
+        oc.project(constraint).init(params)
+    # Routed to kernels only, it initialises.
+    oc.project({"k": constraint}, oc.label_by_path({"**/kernel": "k"})).init(params)

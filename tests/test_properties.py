@@ -564,7 +564,7 @@ def test_idempotent_where_the_math_says_so(cls, data):
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-@examples(6)
+@examples(5)
 @given(data=st.data())
 def test_jit_equals_eager(cls, data):
     case = data.draw(cases(cls, shapes=st.sampled_from(SHAPE_POOL), max_arrays=2), label="case")
@@ -579,7 +579,7 @@ def test_jit_equals_eager(cls, data):
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-@examples(10)
+@examples(6)
 @given(data=st.data())
 def test_gradients_finite(cls, data):
     case = data.draw(cases(cls, shapes=st.sampled_from(SHAPE_POOL)), label="case")

@@ -118,10 +118,8 @@ class Constraint:
         Computed in float32 for bfloat16/float16 leaves. Subclasses override
         this when an exact update-space form exists (see `NonNeg`).
         """
-        dtype = compute_dtype(param.dtype)
-        param_c = param.astype(dtype)
-        target, state = self.apply(param_c + update.astype(dtype), state, step)
-        return (target - param_c).astype(update.dtype), state
+        new_update, state, _ = update_and_target(self, param, update, state, step)
+        return new_update, state
 
     def violation(self, w: jax.Array) -> jax.Array:
         """How far `w` is from feasible: `max |w - C(w)|` (0 when feasible).
@@ -166,6 +164,32 @@ class Constraint:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def update_and_target(
+    constraint: Constraint, param: jax.Array, update: jax.Array, state: PyTree, step: jax.Array
+) -> tuple[jax.Array, PyTree, jax.Array]:
+    """`Constraint.project_update`'s general form, also returning its target.
+
+    `target = constraint.apply(param + update)` in the compute dtype, and the
+    new update is `target - param`. `project` reads `target` to order the
+    leaves' projections (see `docs/performance.md`).
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax_constraints as oc
+    >>> from optax_constraints.constraints._base import update_and_target
+    >>> p, u = jnp.array([[3.0], [0.0]]), jnp.array([[0.0], [4.0]])
+    >>> new_u, _, target = update_and_target(oc.MaxNorm(1.0), p, u, None, 0)
+    >>> np.asarray(target, np.float64).round(4).tolist()
+    [[0.6], [0.8]]
+    >>> bool(jnp.allclose(p + new_u, target))
+    True
+    """
+    dtype = compute_dtype(param.dtype)
+    param_c = param.astype(dtype)
+    target, state = constraint.apply(param_c + update.astype(dtype), state, step)
+    return (target - param_c).astype(update.dtype), state, target
 
 
 class FunctionConstraint(Constraint):

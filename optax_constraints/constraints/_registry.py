@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from optax_constraints.constraints._base import Constraint
+from optax_constraints.constraints._base import Constraint, FunctionConstraint
 
 MODULE = "optax_constraints"
 
@@ -80,6 +80,12 @@ def serialize(constraint: Constraint) -> dict[str, Any]:
             f"oc.serialize takes an oc.Constraint; got {constraint!r}. Wrap a plain"
             " function in a registered Constraint subclass to serialize it."
         )
+    if isinstance(constraint, FunctionConstraint):
+        raise TypeError(
+            f"oc.serialize cannot write {constraint!r}: a wrapped function has no config"
+            " to save. Subclass oc.Constraint (with get_config) and decorate it with"
+            " @oc.register() to make it serializable."
+        )
     cls = type(constraint)
     registered = _registered_name(cls)
     return {
@@ -130,6 +136,10 @@ def deserialize(config: dict[str, Any] | str, custom_objects: dict[str, Any] | N
     if cls is None:
         raise _unknown(config.get("registered_name") or config["class_name"])
     inner = config.get("config") or {}
+    if not isinstance(inner, dict):
+        raise ValueError(
+            f"oc.deserialize: 'config' must be a dict of constructor arguments; got {inner!r}."
+        )
     return cls.from_config(dict(inner)) if hasattr(cls, "from_config") else cls(**inner)
 
 
@@ -158,7 +168,12 @@ def get(identifier):
     if inspect.isclass(identifier):
         if issubclass(identifier, Constraint):
             return identifier()
-        raise ValueError(f"Could not interpret constraint identifier: {identifier!r}.")
+        if identifier.__module__.startswith("keras") and identifier.__name__ in _BUILTINS:
+            return _BUILTINS[identifier.__name__]()  # a Keras class: ours, with its defaults
+        raise ValueError(
+            f"Could not interpret constraint identifier: {identifier!r} is not a subclass of"
+            f" oc.Constraint. Valid names: {', '.join(valid_names())}."
+        )
     keras_class = type(identifier).__module__.startswith("keras")
     if keras_class and hasattr(identifier, "get_config"):
         name = type(identifier).__name__

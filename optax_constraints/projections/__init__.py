@@ -23,10 +23,10 @@ from optax_constraints.projections._norms import center_around as center_around
 from optax_constraints.projections._norms import clip as clip
 from optax_constraints.projections._norms import compute_dtype as compute_dtype
 from optax_constraints.projections._norms import in_compute_dtype as in_compute_dtype
-from optax_constraints.projections._norms import projection as projection
 from optax_constraints.projections._norms import max_norm as max_norm
 from optax_constraints.projections._norms import min_max_norm as min_max_norm
 from optax_constraints.projections._norms import non_neg as non_neg
+from optax_constraints.projections._norms import projection as projection
 from optax_constraints.projections._norms import unit_norm as unit_norm
 from optax_constraints.projections._norms import unit_norms as unit_norms
 from optax_constraints.projections._simplex import l1_ball as l1_ball

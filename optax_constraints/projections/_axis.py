@@ -40,7 +40,7 @@ def canonical_axis(axis: AxisSpec) -> int | tuple[int, ...] | str | None:
     >>> canonical_axis("fan_in")
     'fan_in'
     """
-    if axis is None or axis == FAN_IN:
+    if axis is None or (isinstance(axis, str) and axis == FAN_IN):
         return axis
     as_int = _as_int(axis)
     if as_int is not None:

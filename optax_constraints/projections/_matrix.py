@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from optax_constraints.projections._norms import in_compute_dtype
+from optax_constraints.projections._norms import projection
 
 
 def matrix_view(w: jax.Array) -> jax.Array:
@@ -120,7 +120,7 @@ def _spectral_map_jvp(kind, primals, tangents):
     return out, d_out
 
 
-@in_compute_dtype
+@projection
 def spectral_norm_svd(w: jax.Array, max_value=1.0) -> jax.Array:
     """Euclidean projection onto the spectral-norm ball `{W : sigma_max(W) <= m}`.
 
@@ -161,7 +161,7 @@ def _clip_singular_values(a, max_value):
     return _spectral_map(a, jnp.asarray(max_value, a.dtype), "clip")
 
 
-@in_compute_dtype
+@projection
 def orthogonal_svd(w: jax.Array) -> jax.Array:
     """The nearest semi-orthogonal matrix: the polar factor `U V^T`.
 
@@ -202,7 +202,7 @@ NEWTON_SCHULZ_ITERS = 25
 """Default iteration count of `orthogonal_newton_schulz` (see its docstring)."""
 
 
-@in_compute_dtype
+@projection
 def orthogonal_newton_schulz(w: jax.Array, num_iters: int = NEWTON_SCHULZ_ITERS) -> jax.Array:
     """The polar factor `U V^T` by the cubic Newton–Schulz iteration (no SVD).
 
@@ -354,7 +354,7 @@ def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
     return sigma, u, v
 
 
-@in_compute_dtype
+@projection
 def spectral_rescale(w: jax.Array, max_value, sigma) -> jax.Array:
     """Scales the whole kernel down by `max(1, sigma / max_value)`.
 

@@ -43,6 +43,23 @@ def compute_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
+def as_array(w) -> jax.Array:
+    """`jnp.asarray(w)`, with a clear error when `w` is a pytree, not one array."""
+    try:
+        return jnp.asarray(w)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"A constraint projects one array; got {type(w).__name__} {_short(w)}. To"
+            " constrain a parameter tree use oc.apply_constraints(params, constraints,"
+            " param_labels) or oc.project(constraints, param_labels) in the optimizer."
+        ) from None
+
+
+def _short(x, n: int = 80) -> str:
+    text = repr(x)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def in_compute_dtype(fn: Callable) -> Callable:
     """Runs `fn(w, ...)` in `compute_dtype(w.dtype)` and casts the result back.
 
@@ -52,7 +69,7 @@ def in_compute_dtype(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(w, *args, **kwargs):
-        w = jnp.asarray(w)
+        w = as_array(w)
         dtype = w.dtype
         out = fn(w.astype(compute_dtype(dtype)), *args, **kwargs)
         return out.astype(dtype) if dtype in _LOW_PRECISION else out
@@ -97,7 +114,7 @@ def projection(fn: Callable) -> Callable:
         bound = signature.bind(w, *args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)
-        w = jnp.asarray(arguments.pop(first))
+        w = as_array(arguments.pop(first))
         static = {k: _static(v) for k, v in arguments.items() if not _is_array(v)}
         dynamic = {k: v for k, v in arguments.items() if _is_array(v)}
         return compiled(tuple(sorted(static.items())))(w, dynamic)
@@ -108,8 +125,9 @@ def projection(fn: Callable) -> Callable:
 def _safe_sqrt(x):
     # sqrt(0) has an infinite derivative; route zeros through sqrt(1) so the
     # gradient there is 0 (the forward value is unchanged: sqrt(0) == 0).
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+    # A NaN sum stays NaN (as in Keras), so a unit that saw a NaN shows it.
+    zero = x == 0
+    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
 
 
 def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
@@ -132,18 +150,24 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
     w = jnp.asarray(w)
     axes = resolve_axis(axis, w.ndim)
     sumsq = jnp.sum(w * w, axis=axes, keepdims=True)
-    # A sibling sum over w * 2**-k shares the same pass over w (XLA fuses the
-    # two reductions), and is finite wherever sumsq overflows: scaling by a
-    # power of two is exact, so no branch and no second pass are needed.
-    k = _overflow_exponent(w.dtype)
-    scaled = w * jnp.asarray(2.0**-k, w.dtype)
-    sumsq_scaled = jnp.sum(scaled * scaled, axis=axes, keepdims=True)
     overflow = jnp.isinf(sumsq)
-    if all(w.shape[a] == 1 for a in axes):
+    if w.size == 0 or all(w.shape[a] == 1 for a in axes):
         # One entry per unit: XLA drops the size-1 sum and rewrites
         # (w * 2**-k)**2 as (w * w) * 2**-2k, which overflows again (or
         # flushes to 0). The norm of one entry is |w|, exactly.
         return jnp.where(overflow, jnp.abs(w), _safe_sqrt(sumsq))
+    # Units whose sum overflows are summed again on w * 2**-k: scaling by a
+    # power of two is exact, so their norm is the rescaled one times 2**k.
+    # The second sum is branch-free (a `lax.cond` would stop XLA from writing
+    # `w` into a donated buffer in place) and costs one more read of `w`. Its
+    # scale is computed from `sumsq` (and is always exactly 2**-k) rather than
+    # a literal: XLA merges literal broadcasts of one shape across leaves,
+    # writes the shared array to memory and reads it on every pass, while a
+    # computed scale fuses into the reduction. See docs/performance.md.
+    k = _overflow_exponent(w.dtype)
+    opaque_zero = (sumsq.ravel()[0] > 0).astype(w.dtype) * 0
+    scaled = w * (jnp.asarray(2.0**-k, w.dtype) + opaque_zero)
+    sumsq_scaled = jnp.sum(scaled * scaled, axis=axes, keepdims=True)
     return jnp.where(
         overflow, _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, w.dtype), _safe_sqrt(sumsq)
     )
@@ -247,7 +271,7 @@ def non_neg(w: jax.Array) -> jax.Array:
     >>> non_neg(jnp.array([-1.0, -0.0, 2.0]))
     Array([0., 0., 2.], dtype=float32)
     """
-    w = jnp.asarray(w)
+    w = as_array(w)
     return jnp.maximum(w, jnp.zeros((), w.dtype))
 
 
@@ -261,7 +285,7 @@ def clip(w: jax.Array, min_value=None, max_value=None) -> jax.Array:
     >>> clip(jnp.array([-2.0, 0.5, 3.0]), -1.0, 1.0)
     Array([-1. ,  0.5,  1. ], dtype=float32)
     """
-    w = jnp.asarray(w)
+    w = as_array(w)
     if min_value is not None:
         w = jnp.maximum(w, jnp.asarray(min_value, w.dtype))
     if max_value is not None:

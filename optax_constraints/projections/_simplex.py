@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_constraints.projections._axis import AxisSpec, resolve_axis
-from optax_constraints.projections._norms import in_compute_dtype
+from optax_constraints.projections._norms import projection
 
 
 def _units(w: jax.Array, axis: AxisSpec):
@@ -54,7 +54,7 @@ def _simplex_rows(v: jax.Array, scale) -> jax.Array:
     return jnp.maximum(v - theta, 0)
 
 
-@in_compute_dtype
+@projection
 def l1_ball(w: jax.Array, max_value=1.0, axis: AxisSpec = 0) -> jax.Array:
     """Euclidean projection of each unit onto the L1 ball of radius `max_value`.
 
@@ -92,7 +92,7 @@ def l1_ball(w: jax.Array, max_value=1.0, axis: AxisSpec = 0) -> jax.Array:
     return restore(jnp.where(inside, units, projected))
 
 
-@in_compute_dtype
+@projection
 def simplex(w: jax.Array, scale=1.0, axis: AxisSpec = 0) -> jax.Array:
     """Euclidean projection of each unit onto `{x >= 0, sum(x) = scale}`.
 

@@ -1,0 +1,211 @@
+"""NaN/Inf policy: a non-finite value stays inside its own unit and leaf.
+
+The policy (docs/nonfinite.md): a NaN or an infinity in a parameter or an
+update contaminates at most the *unit* the constraint couples it with (one
+element for `NonNeg`/`Clip`; the slice over `axis` for the norm, L1-ball and
+simplex constraints; the whole leaf for `CenterAround` and the matrix
+constraints) and never another unit, another leaf, or the transform's state
+of another leaf. Nothing is silently repaired either: the affected unit comes
+back non-finite, and `constraint_violations` reports it, so `optax.apply_if_finite`
+(which works around `oc.project`) or a NaN check can act on it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_constraints as oc
+
+SHAPE = (4, 3)
+WHERE = (1, 2)  # the planted element
+BAD_VALUES = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+
+# How far each class couples entries: "element", "axis" (the unit over its
+# `axis`) or "leaf". A class not listed that has an `axis` is "axis", else "leaf".
+COUPLING = {"NonNeg": "element", "Clip": "element"}
+
+
+def exported_constraint_classes() -> list[type]:
+    found = {}
+    for name in dir(oc):
+        obj = getattr(oc, name)
+        if (
+            inspect.isclass(obj)
+            and issubclass(obj, oc.Constraint)
+            and obj not in (oc.Constraint, oc.FunctionConstraint)
+        ):
+            found[obj.__name__] = obj
+    return [found[k] for k in sorted(found)]
+
+
+EXAMPLES = {
+    "MaxNorm": [oc.MaxNorm(1.0, axis=0), oc.MaxNorm(1.0, axis=-1), oc.MaxNorm(1.0, axis=None)],
+    "MinMaxNorm": [oc.MinMaxNorm(0.5, 1.0, axis="fan_in"), oc.MinMaxNorm(0.5, 1.0, 0.5, axis=1)],
+    "UnitNorm": [oc.UnitNorm(axis=0), oc.UnitNorm(axis=[1])],
+    "Clip": [oc.Clip(-0.5, 0.5)],
+    "CenterAround": [oc.CenterAround(0.1)],
+}
+
+
+def constraint_instances():
+    out = []
+    for cls in exported_constraint_classes():
+        found = EXAMPLES.get(cls.__name__)
+        if found is None:
+            found = [cls()]
+            if "axis" in inspect.signature(cls.__init__).parameters:
+                found.append(cls(axis=1))
+            for method in getattr(cls, "methods", ())[1:]:
+                found.append(cls(method=method))
+        out.extend(found)
+    return out
+
+
+INSTANCES = constraint_instances()
+
+
+def coupled_with(constraint, shape, where) -> np.ndarray:
+    """Boolean mask of the entries that share a unit with `where`."""
+    kind = COUPLING.get(type(constraint).__name__)
+    if kind is None:
+        kind = "axis" if hasattr(constraint, "axis") else "leaf"
+    if kind == "element":
+        mask = np.zeros(shape, bool)
+        mask[where] = True
+        return mask
+    if kind == "leaf":
+        return np.ones(shape, bool)
+    axis, ndim = constraint.axis, len(shape)
+    if axis is None:
+        reduced = set(range(ndim))
+    elif axis == "fan_in":
+        reduced = set(range(ndim - 1))
+    else:
+        reduced = {a % ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+    coords = np.indices(shape)
+    mask = np.ones(shape, bool)
+    for d in range(ndim):
+        if d not in reduced:
+            mask &= coords[d] == where[d]
+    return mask
+
+
+def _kernel(seed=0):
+    return np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32)
+
+
+def _planted(w, value):
+    w = np.array(w)
+    w[WHERE] = value
+    return w
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_VALUES))
+@pytest.mark.parametrize("constraint", INSTANCES, ids=repr)
+def test_non_finite_entry_stays_in_its_unit(constraint, bad):
+    clean = _kernel()
+    dirty = _planted(clean, BAD_VALUES[bad])
+    fn = jax.jit(constraint)
+    out_clean, out_dirty = np.asarray(fn(clean)), np.asarray(fn(dirty))
+    others = ~coupled_with(constraint, SHAPE, WHERE)
+    np.testing.assert_array_equal(out_dirty[others], out_clean[others])
+    assert np.all(np.isfinite(out_dirty[others]))
+
+
+@pytest.mark.parametrize("constraint", INSTANCES, ids=repr)
+def test_non_finite_leaf_does_not_touch_other_leaves(constraint):
+    clean = {"a": jnp.asarray(_kernel(0)), "b": jnp.asarray(_kernel(1))}
+    dirty = {"a": jnp.asarray(_planted(_kernel(0), np.nan)), "b": clean["b"]}
+    out_clean = oc.apply_constraints(clean, constraint)
+    out_dirty = oc.apply_constraints(dirty, constraint)
+    np.testing.assert_array_equal(np.asarray(out_dirty["b"]), np.asarray(out_clean["b"]))
+    # ... and the violation monitor flags the bad leaf instead of hiding it.
+    v = oc.constraint_violations(dirty, {"k": constraint}, {"a": "k", "b": None})
+    assert not np.isfinite(float(v["k"]))
+
+
+def _step(tx, params, grads):
+    @jax.jit
+    def run(params, grads):
+        state = tx.init(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return run(params, grads)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("constraint", INSTANCES, ids=repr)
+def test_project_keeps_a_non_finite_update_in_its_unit(constraint, bad):
+    params = {"a": jnp.asarray(_kernel(0)), "b": jnp.asarray(_kernel(1))}
+    grads = {"a": jnp.asarray(_kernel(2)), "b": jnp.asarray(_kernel(3))}
+    dirty = {"a": jnp.asarray(_planted(grads["a"], BAD_VALUES[bad])), "b": grads["b"]}
+    tx = optax.chain(optax.sgd(0.1), oc.project({"k": constraint}, {"a": "k", "b": "k"}))
+    new_clean, _ = _step(tx, params, grads)
+    new_dirty, state = _step(tx, params, dirty)
+    np.testing.assert_array_equal(np.asarray(new_dirty["b"]), np.asarray(new_clean["b"]))
+    others = ~coupled_with(constraint, SHAPE, WHERE)
+    a_dirty, a_clean = np.asarray(new_dirty["a"]), np.asarray(new_clean["a"])
+    np.testing.assert_array_equal(a_dirty[others], a_clean[others])
+    # Per-leaf constraint state (e.g. SpectralNorm's power-iteration vector)
+    # of the clean leaf is untouched too.
+    for key, leaf_state in state[1].constraint_states.items():
+        if key == "b":
+            assert np.all(np.isfinite(np.asarray(leaf_state)))
+
+
+def test_power_iteration_state_recovers_after_a_nan_step():
+    tx = oc.project({"k": oc.SpectralNorm(1.0)}, {"w": "k"})
+    params = {"w": jnp.asarray(_kernel(0)) * 3}
+    state = tx.init(params)
+    nan_update = {"w": jnp.full(SHAPE, jnp.nan)}
+    _, state = tx.update(nan_update, state, params)  # the NaN reaches the state...
+    # ... and the next finite step restarts the iteration instead of staying NaN.
+    for _ in range(8):
+        updates, state = tx.update({"w": jnp.zeros(SHAPE)}, state, params)
+        new = optax.apply_updates(params, updates)["w"]
+        assert np.all(np.isfinite(np.asarray(new)))
+        assert np.all(np.isfinite(np.asarray(state.constraint_states["w"])))
+    # One power iteration per step: after a few steps the estimate is accurate again.
+    assert np.linalg.svd(np.asarray(new), compute_uv=False)[0] <= 1.0 + 1e-3
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [oc.MaxNorm(1.0), oc.NonNeg(), oc.UnitNorm(), oc.SpectralNorm(1.0, method="svd")],
+    ids=repr,
+)
+def test_works_under_apply_if_finite(constraint):
+    params = {"w": jnp.asarray(_kernel(0)) * 3, "b": jnp.asarray(_kernel(1))}
+    labels = {"w": "k", "b": None}
+    inner = optax.chain(optax.sgd(0.5), oc.project({"k": constraint}, labels))
+    tx = optax.apply_if_finite(inner, max_consecutive_errors=3)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    bad = {"w": jnp.asarray(_planted(_kernel(2), np.nan)), "b": jnp.zeros(SHAPE)}
+    after_bad, state = step(params, state, bad)
+    # The non-finite step is skipped: params unchanged, the inner state (the
+    # projection's step count) not advanced.
+    for key in params:
+        np.testing.assert_array_equal(np.asarray(after_bad[key]), np.asarray(params[key]))
+    assert int(state.notfinite_count) == 1
+    assert int(state.inner_state[1].count) == 0
+
+    good = {"w": jnp.asarray(_kernel(2)), "b": jnp.zeros(SHAPE)}
+    after_good, state = step(after_bad, state, good)
+    assert int(state.notfinite_count) == 0 and int(state.inner_state[1].count) == 1
+    w = np.asarray(after_good["w"])
+    assert np.all(np.isfinite(w))
+    expected = np.asarray(constraint(jnp.asarray(params["w"]) - 0.5 * good["w"]))
+    np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
