@@ -169,8 +169,8 @@ class _InGroups:
     the extra work is a few scalar operations per leaf.
     """
 
-    def __init__(self, group_bytes: int = GROUP_BYTES):
-        self.group_bytes = group_bytes
+    def __init__(self):
+        self.group_bytes = GROUP_BYTES
         self.previous = None  # 0.0, computed from the previous group's targets
         self.current: list[jax.Array] = []
         self.current_bytes = 0

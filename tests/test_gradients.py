@@ -12,18 +12,16 @@ gives finite gradients too, and they match finite differences.
 from __future__ import annotations
 
 import inspect
-import os
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+# KERAS_BACKEND=jax is set by tests/conftest.py before Keras is imported.
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+import pytest
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-
-import optax_constraints as oc  # noqa: E402
+import optax_constraints as oc
 
 EPS = 1e-7  # Keras's backend.epsilon()
 
@@ -283,7 +281,9 @@ def test_unrolled_step_gradient_wrt_params(name):
     params, x, y = _mlp()
 
     def unrolled(p):
-        return _loss(_one_step(_one_step(p, 0.05, constraints, x, y), 0.05, constraints, x, y), x, y)
+        return _loss(
+            _one_step(_one_step(p, 0.05, constraints, x, y), 0.05, constraints, x, y), x, y
+        )
 
     grads = jax.jit(jax.grad(unrolled))(params)
     for leaf in jax.tree.leaves(grads):

@@ -10,19 +10,17 @@ have their own tests showing what happens instead.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+# KERAS_BACKEND=jax is set by tests/conftest.py before Keras is imported.
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+import pytest
 
-import jax.numpy as jnp  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-
-import optax_constraints as oc  # noqa: E402
+import optax_constraints as oc
 
 CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "misuse.md"
 ROW = re.compile(
@@ -109,11 +107,16 @@ TRIGGERS = {
     ),
     "labels_extra_level": lambda: init({"k": oc.MaxNorm()}, {"params": _kernel_labels()}),
     "labels_list_for_dict": lambda: init({"k": oc.MaxNorm()}, ["k", None]),
-    "label_not_in_constraints": lambda: init({"k": oc.MaxNorm()}, {"dense": {"kernel": "kk", "bias": None}}),
+    "label_not_in_constraints": lambda: init(
+        {"k": oc.MaxNorm()}, {"dense": {"kernel": "kk", "bias": None}}
+    ),
     "default_label_not_in_constraints": lambda: init(
         {"k": oc.MaxNorm()}, oc.label_by_path({"**/kernel": "k"}, default="rest")
     ),
     "rule_matches_nothing": lambda: init({"k": oc.MaxNorm()}, oc.label_by_path({"**/kernal": "k"})),
+    "rule_shadowed": lambda: init(
+        {"k": oc.MaxNorm(), "b": oc.NonNeg()}, oc.label_by_path({"**": "k", "**/kernel": "b"})
+    ),
     "rule_empty": lambda: oc.label_by_path({"": "k"}),
     "rule_not_a_string": lambda: oc.label_by_path({3: "k"}),
     "rules_not_a_mapping": lambda: oc.label_by_path(["**/kernel"]),
@@ -203,6 +206,14 @@ def test_array_hyper_parameters_are_not_validated():
     w = jnp.array([[3.0], [4.0]])
     out = oc.MaxNorm(jnp.array(-1.0))(w)
     assert float(jnp.sum(out * w)) < 0  # the unit flips sign: garbage in, garbage out
+
+
+def test_rank_change_after_init_is_caught_late():
+    tx = oc.project({"k": oc.MaxNorm(axis=1)}, _kernel_labels())
+    state = tx.init(params())
+    changed = {"dense": {"kernel": jnp.ones(3), "bias": jnp.ones(2)}}
+    with pytest.raises(ValueError, match=re.escape("axis 1 is out of range")):
+        tx.update(changed, state, changed)
 
 
 def test_keras_class_is_accepted_by_get():

@@ -122,9 +122,9 @@ def measure(
 ) -> dict[str, float]:
     """One batch of units: the rounding of one `project` step, in units of `eps`.
 
-    `regime="train"`: feasible parameters (norm in [0.5, 0.99] * max_value)
-    and steps no longer than `max_value`; `"far"`: norms up to 100 * max_value
-    and steps up to 10 * max_value.
+    `regime="train"`: parameter norms in [0.5, 0.99] * bound and steps no
+    longer than `bound` (`bound` = `max_value`, or 1 for UnitNorm); `"far"`:
+    norms from 0.01 to 100 * bound and steps up to 10 * bound.
 
     Returns the largest, over units, of
       `update_c`: (norm - bound) / (eps * bound) after `apply_updates`, where
@@ -140,12 +140,13 @@ def measure(
     float16 only: its subnormals start below 6.1e-5).
     """
     rng = np.random.default_rng(seed)
+    bound = 1.0 if name == "UnitNorm" else max_value  # the largest feasible norm
     if regime == "train":
-        p_norms = rng.uniform(0.5, 0.99, units) * max_value
-        u_norms = rng.uniform(0.0, 1.0, units) * max_value
+        p_norms = rng.uniform(0.5, 0.99, units) * bound
+        u_norms = rng.uniform(0.0, 1.0, units) * bound
     else:
-        p_norms = np.exp(rng.uniform(np.log(1e-2), np.log(100.0), units)) * max_value
-        u_norms = np.exp(rng.uniform(np.log(1e-3), np.log(10.0), units)) * max_value
+        p_norms = np.exp(rng.uniform(np.log(1e-2), np.log(100.0), units)) * bound
+        u_norms = np.exp(rng.uniform(np.log(1e-3), np.log(10.0), units)) * bound
     p = jnp.asarray(columns_with_norms(rng, fan_in, p_norms), jnp.float32).astype(param_dtype)
     u = jnp.asarray(columns_with_norms(rng, fan_in, u_norms), jnp.float32).astype(update_dtype)
     hp = hyper_parameters(name, max_value)
@@ -165,7 +166,6 @@ def measure(
     exact_direct = np.linalg.norm(target_direct, axis=0)
     direct_norms = unit_norms64(direct)
     floor = float(jnp.finfo(param_dtype).smallest_subnormal) * np.sqrt(fan_in)
-    bound = 1.0 if name == "UnitNorm" else max_value
     return {
         "update_c": float(np.max(norms - bound) / (eps * bound)),
         "move_c": worst_ratio(np.abs(norms - exact), eps * (exact + move) + 2 * floor),
@@ -232,7 +232,7 @@ FAN_INS = [1, 2, 3, 8, 64, 512]
 def test_low_precision_bounds(dtype, name, regime):
     worst = {"update_c": -np.inf, "move_c": 0.0, "direct_c": 0.0}
     for i, fan_in in enumerate(FAN_INS):
-        for max_value in [1.0, 3.7]:
+        for max_value in [1.0] if name == "UnitNorm" else [1.0, 3.7]:
             m = measure(name, dtype, dtype, fan_in, regime=regime, max_value=max_value, seed=i)
             worst = {k: max(worst[k], m[k]) for k in worst}
     # Two roundings (u' = fl(C(p+u) - p), then fl(p + u')): at most half an eps
@@ -264,7 +264,7 @@ def test_float32_bounds(name):
     # largest measured by `_report` are in the comments.
     for i, fan_in in enumerate([*FAN_INS, 4096]):
         units = 512 if fan_in == 4096 else 2048
-        for max_value in [2.0, 1e-3, 1e3]:
+        for max_value in [1.0] if name == "UnitNorm" else [2.0, 1e-3, 1e3]:
             for regime in ["train", "far"]:
                 m = measure(
                     name, jnp.float32, jnp.float32, fan_in, regime=regime,
@@ -302,6 +302,8 @@ def _report(units: int = 16384) -> None:  # pragma: no cover - run by hand
                     max_values = (
                         [1.0, 2.0, 3.7] if pd == jnp.float16 else [1.0, 2.0, 3.7, 1e-3, 1e3]
                     )
+                    if name == "UnitNorm":
+                        max_values = [1.0]  # UnitNorm has no max_value
                     for max_value in max_values:
                         m = measure(
                             name,

@@ -376,16 +376,15 @@ def _check_keras_norm(case, w, out):
     np.testing.assert_array_less(
         np.abs(out - expected), r * np.abs(expected) + 1.2e-12 * np.abs(w) + a + 1e-300
     )
-    name, kw = type(case.constraint).__name__, case.kwargs
-    upper = {"MaxNorm": kw.get("max_value"), "UnitNorm": 1.0}.get(name, kw.get("max_value"))
-    if name != "MinMaxNorm" or kw["rate"] == 1.0:
-        # Feasible from above, always.
-        assert np.all(n_out <= upper * (1 + r) + a), (n_out.max(), upper)
-    lower = {"UnitNorm": 1.0, "MinMaxNorm": kw.get("min_value"), "MaxNorm": 0.0}[name]
-    if name != "MinMaxNorm" or kw["rate"] == 1.0:
-        # From below only up to Keras's epsilon: norm >= lower * n / (EPS + n).
-        assert np.all(n_out >= lower * shrink * (1 - r) - a)
     assert np.all(out[np.broadcast_to(n == 0, w.shape)] == 0), "an all-zero unit must stay zero"
+    name, kw = type(case.constraint).__name__, case.kwargs
+    if name == "MinMaxNorm" and kw["rate"] != 1.0:
+        return  # moves part of the way by design: the formula is the whole promise
+    upper = 1.0 if name == "UnitNorm" else kw["max_value"]
+    lower = {"UnitNorm": 1.0, "MaxNorm": 0.0}.get(name, kw.get("min_value"))
+    # Feasible from above, always; from below only up to Keras's epsilon.
+    assert np.all(n_out <= upper * (1 + r) + a), (n_out.max(), upper)
+    assert np.all(n_out >= lower * shrink * (1 - r) - a), (n_out.min(), lower)
 
 
 def _check_non_neg(case, w, out):

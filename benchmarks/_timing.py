@@ -1,0 +1,77 @@
+"""Side-by-side timing: interleaved repetitions in one process, per-round ratios.
+
+Every variant keeps its own (donated) buffers and is called once per round;
+the order alternates between rounds so that no variant always runs right
+after the same neighbour. A ratio is taken within each round (variant time
+divided by the baseline's time in the same round) and summarised over the
+rounds by its median and min-max, so that slow drifts in machine load cancel.
+
+Two clocks: wall time (`perf_counter`) and the process's CPU time
+(`process_time`, all threads). On a shared machine the wall clock also counts
+time spent waiting for a core; CPU time does not, so its ratios are the
+steadier figure there. Both are reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+def interleaved(
+    runs: dict[str, tuple[Callable, tuple]], reps: int, warmup: int = 2
+) -> dict[str, dict[str, np.ndarray]]:
+    """Times `step(*carry, *extra)` for every variant, round by round.
+
+    Args:
+      runs: name -> (step, (carry..., extra)); `step(*carry, extra)` returns
+        the new carry (a tuple), so donated buffers are threaded through.
+      reps: rounds.
+
+    Returns:
+      name -> {"wall": seconds per round, "cpu": seconds per round}.
+    """
+    state = {name: list(args) for name, (_, args) in runs.items()}
+
+    def call(name):
+        step, _ = runs[name]
+        *carry, extra = state[name]
+        carry = step(*carry, extra)
+        jax.block_until_ready(carry)
+        state[name] = [*carry, extra]
+
+    for name in runs:
+        for _ in range(warmup):
+            call(name)
+    times = {name: {"wall": [], "cpu": []} for name in runs}
+    names = list(runs)
+    for r in range(reps):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            w0, c0 = time.perf_counter(), time.process_time()
+            call(name)
+            times[name]["cpu"].append(time.process_time() - c0)
+            times[name]["wall"].append(time.perf_counter() - w0)
+    return {n: {k: np.asarray(v) for k, v in t.items()} for n, t in times.items()}
+
+
+def ratio_stats(numer: np.ndarray, denom: np.ndarray) -> dict[str, float]:
+    """Median and min-max of the per-round ratios `numer[r] / denom[r]`."""
+    ratios = np.asarray(numer) / np.asarray(denom)
+    return {
+        "median": float(np.median(ratios)),
+        "min": float(ratios.min()),
+        "max": float(ratios.max()),
+    }
+
+
+def time_stats(seconds: np.ndarray) -> dict[str, float]:
+    seconds = np.asarray(seconds)
+    return {
+        "median_ms": float(np.median(seconds) * 1e3),
+        "min_ms": float(seconds.min() * 1e3),
+        "max_ms": float(seconds.max() * 1e3),
+    }

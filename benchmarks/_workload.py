@@ -1,0 +1,179 @@
+"""The reference workload and the step functions compared in `run.py`.
+
+Adam on about 21M parameters: eight Dense kernels 1536x1536 and four Conv
+kernels 3x3x256x256, each with a bias; per-unit MaxNorm on the kernels
+(`axis=0` for Dense, `(0, 1, 2)` for Conv), NonNeg on the biases. Every step
+is jitted with the parameters and the optimizer state donated; the gradients
+are passed in (not donated), as in a training loop whose gradients come from
+another program.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_constraints as oc
+
+MAX_VALUE = 3.0
+LEARNING_RATE = 1e-3
+
+RULES = {"dense*/kernel": "dense_kernel", "conv*/kernel": "conv_kernel", "**/bias": "bias"}
+CONSTRAINTS = {
+    "dense_kernel": oc.MaxNorm(MAX_VALUE, axis=0),
+    "conv_kernel": oc.MaxNorm(MAX_VALUE, axis=(0, 1, 2)),
+    "bias": oc.NonNeg(),
+}
+# The same axes for the Keras-formula baseline and for Keras itself.
+KERAS_AXES = {"dense_kernel": 0, "conv_kernel": (0, 1, 2)}
+
+
+def reference_params(dense=(8, 1536), conv=(4, 256), seed=0) -> dict:
+    """`{"dense{i}": {kernel, bias}, "conv{i}": {kernel, bias}}`, float32."""
+    (n_dense, width), (n_conv, channels) = dense, conv
+    keys = iter(jax.random.split(jax.random.key(seed), n_dense + n_conv))
+    params = {}
+    for i in range(n_dense):
+        kernel = jax.random.normal(next(keys), (width, width)) * 0.05
+        params[f"dense{i}"] = {"kernel": kernel, "bias": jnp.full((width,), 0.01)}
+    for i in range(n_conv):
+        kernel = jax.random.normal(next(keys), (3, 3, channels, channels)) * 0.05
+        params[f"conv{i}"] = {"kernel": kernel, "bias": jnp.full((channels,), 0.01)}
+    return params
+
+
+def many_leaves_params(n_leaves: int, width: int = 64) -> dict:
+    """`n_leaves / 2` Dense layers `(width, width)` + bias: the compile-time workload."""
+    return {
+        f"dense{i}": {"kernel": jnp.ones((width, width)), "bias": jnp.zeros((width,))}
+        for i in range(n_leaves // 2)
+    }
+
+
+def gradients(params, seed=1) -> dict:
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape) * 1e-2 for k, x in zip(keys, leaves, strict=True)]
+    )
+
+
+def labels_of(params):
+    return oc.label_by_path(RULES, allow_unmatched=True)(params)
+
+
+# -- steps: (params, opt_state, grads) -> (params, opt_state) --------------
+
+
+def _keras_max_norm(w, axis):
+    # Keras 3's MaxNorm, term for term (no overflow handling).
+    norms = jnp.sqrt(jnp.sum(jnp.square(w), axis=axis, keepdims=True))
+    return w * (jnp.clip(norms, 0, MAX_VALUE) / (1e-7 + norms))
+
+
+def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callable, object]]:
+    """name -> (step, optimizer whose `init` builds the state)."""
+    adam = optax.adam(learning_rate)
+    projected = optax.chain(adam, oc.project(CONSTRAINTS, oc.label_by_path(RULES, allow_unmatched=True)))
+
+    def plain(p, s, g):
+        u, s = adam.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def ours(p, s, g):
+        u, s = projected.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def hand_oc(p, s, g):
+        u, s = adam.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return jax.tree.map(lambda w, label: CONSTRAINTS[label](w), p, labels_of(p)), s
+
+    def hand_keras(p, s, g):
+        u, s = adam.update(g, s, p)
+        p = optax.apply_updates(p, u)
+
+        def project(w, label):
+            if label == "bias":
+                return jnp.maximum(w, 0)
+            return _keras_max_norm(w, KERAS_AXES[label])
+
+        return jax.tree.map(project, p, labels_of(p)), s
+
+    def naive(p, s, g):
+        # What `project` computed before ordering: C(p + u) - p per leaf, no order.
+        u, s = adam.update(g, s, p)
+
+        def project(w, du, label):
+            return CONSTRAINTS[label](w + du) - w
+
+        return optax.apply_updates(p, jax.tree.map(project, p, u, labels_of(p))), s
+
+    return {
+        "plain": (plain, adam),
+        "project": (ours, projected),
+        "hand_oc": (hand_oc, adam),
+        "hand_keras": (hand_keras, adam),
+        "naive": (naive, adam),
+    }
+
+
+def nonneg_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callable, object]]:
+    """NonNeg on every leaf: `oc.project` against `optax.keep_params_nonnegative`."""
+    adam = optax.adam(learning_rate)
+    ours = optax.chain(adam, oc.project(oc.NonNeg()))
+    theirs = optax.chain(adam, optax.keep_params_nonnegative())
+
+    def step_with(tx):
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        return step
+
+    return {"nonneg_project": (step_with(ours), ours), "keep_nonneg": (step_with(theirs), theirs)}
+
+
+def jit_step(step: Callable) -> Callable:
+    """The step jitted with params and optimizer state donated (a fresh cache)."""
+    return jax.jit(functools.partial(step), donate_argnums=(0, 1))
+
+
+# -- Keras 3 (JAX backend): Adam `stateless_apply` with variable constraints --
+
+
+def keras_steps(params) -> dict[str, tuple[Callable, list, list]]:
+    """name -> (step, trainable values, optimizer values) for Keras's own Adam.
+
+    `"keras_constrained"` sets the same constraints on the Keras variables;
+    Keras projects them after the update inside `stateless_apply`.
+    """
+    import keras  # noqa: PLC0415 (KERAS_BACKEND must be set first, by run.py)
+
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    labels = jax.tree.leaves(labels_of(params))
+    keras_constraint = {
+        "dense_kernel": keras.constraints.MaxNorm(MAX_VALUE, axis=0),
+        "conv_kernel": keras.constraints.MaxNorm(MAX_VALUE, axis=[0, 1, 2]),
+        "bias": keras.constraints.NonNeg(),
+    }
+    out = {}
+    for name, constrained in (("keras_plain", False), ("keras_constrained", True)):
+        variables = []
+        for i, ((_, value), label) in enumerate(zip(leaves, labels, strict=True)):
+            variable = keras.Variable(jnp.copy(value), name=f"v{i}")
+            if constrained:  # what `kernel_constraint=` / `bias_constraint=` do in a layer
+                variable.constraint = keras_constraint[label]
+            variables.append(variable)
+        optimizer = keras.optimizers.Adam(LEARNING_RATE)
+        optimizer.build(variables)
+
+        def step(trainable, opt_vars, grads, optimizer=optimizer):
+            return optimizer.stateless_apply(opt_vars, grads, trainable)
+
+        out[name] = (step, [v.value for v in variables], [v.value for v in optimizer.variables])
+    return out

@@ -1,0 +1,387 @@
+"""How much does `oc.project` cost? One command, one process, side by side.
+
+    python benchmarks/run.py            # full: a few minutes on a 2-core CPU
+    python benchmarks/run.py --quick    # smoke run: fewer rounds, smaller sizes
+
+Prints a table of ratios (median and min-max over interleaved rounds, see
+`_timing.py`), and writes `benchmarks/results/<machine>-<date>.json` and a PNG
+plot next to it. Sections:
+
+* step: one jitted, donated Adam step on the reference workload (`_workload.py`)
+  with `oc.project`, against plain Adam, against the hand-written
+  "apply_updates, then tree_map(constraint)" step (with our constraints and
+  with Keras's formula), against Keras 3's own Adam `stateless_apply` with
+  the same constraints on its variables, and NonNeg on every leaf against
+  `optax.keep_params_nonnegative`;
+* formulations (full mode, or `--formulations`): the alternatives that
+  `project` and `unit_norms` do not use (`_variants.py`);
+* memory: `compiled.memory_analysis()` of each step (deterministic);
+* compile: trace + compile time of the step at 10, 100 and 1000 leaves;
+* matrix: SpectralNorm (power iteration vs SVD) and Orthogonal
+  (Newton-Schulz vs SVD), time per step and accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import optax_constraints as oc  # noqa: E402
+from benchmarks import _timing as T  # noqa: E402
+from benchmarks import _variants as V  # noqa: E402
+from benchmarks import _workload as W  # noqa: E402
+
+MB = 2**20
+
+
+def _optax_run(step, tx, params, grads, compile_in=None):
+    """(compiled step, (params copy, state, grads)) ready for `T.interleaved`."""
+    p = jax.tree.map(jnp.copy, params)
+    s = tx.init(p)
+    if compile_in is None:
+        compiled = W.jit_step(step).lower(p, s, grads).compile()
+    else:
+        with compile_in():
+            compiled = W.jit_step(step).lower(p, s, grads).compile()
+    return compiled, (p, s, grads)
+
+
+def _memory(compiled) -> dict[str, float]:
+    m = compiled.memory_analysis()
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    return {
+        "temp_mb": m.temp_size_in_bytes / MB,
+        "argument_mb": m.argument_size_in_bytes / MB,
+        "output_mb": m.output_size_in_bytes / MB,
+        "alias_mb": m.alias_size_in_bytes / MB,
+        "peak_mb": peak / MB,
+    }
+
+
+# -- step --------------------------------------------------------------------
+
+
+def step_section(quick: bool, formulations: bool) -> dict:
+    dense, conv = ((8, 1536), (4, 256)) if not quick else ((4, 768), (2, 128))
+    params = W.reference_params(dense, conv)
+    grads = W.gradients(params)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+
+    runs, memory = {}, {}
+    for name, (step, tx) in {**W.optax_steps(), **W.nonneg_steps()}.items():
+        compiled, args = _optax_run(step, tx, params, grads)
+        runs[name], memory[name] = (compiled, args), _memory(compiled)
+    if formulations:
+        compiled, args = _optax_run(*W.optax_steps()["project"], params, grads, V.unordered)
+        runs["project_unordered"], memory["project_unordered"] = (compiled, args), _memory(compiled)
+        for label, norms in V.NORMS.items():
+            for kind, make in (("hand", V.hand_step), ("update", V.update_step)):
+                compiled, args = _optax_run(*make(norms), params, grads)
+                name = f"{kind}_norms_{label}"
+                runs[name], memory[name] = (compiled, args), _memory(compiled)
+    flat_grads = jax.tree.leaves(grads)
+    for name, (step, trainable, opt_vars) in W.keras_steps(params).items():
+        compiled = W.jit_step(step).lower(trainable, opt_vars, flat_grads).compile()
+        runs[name], memory[name] = (compiled, (trainable, opt_vars, flat_grads)), _memory(compiled)
+
+    reps = 6 if quick else 25
+    times = T.interleaved(runs, reps)
+    out = {
+        "n_params": int(n_params),
+        "reps": reps,
+        "memory": memory,
+        "times": {n: {c: T.time_stats(t[c]) for c in ("cpu", "wall")} for n, t in times.items()},
+        "ratios": {},
+    }
+
+    def ratio(a, b, clock):
+        return T.ratio_stats(times[a][clock], times[b][clock])
+
+    pairs = {
+        "project/plain": ("project", "plain"),
+        "project/hand_oc": ("project", "hand_oc"),
+        "project/hand_keras": ("project", "hand_keras"),
+        "hand_oc/plain": ("hand_oc", "plain"),
+        "hand_keras/plain": ("hand_keras", "plain"),
+        "naive/plain": ("naive", "plain"),
+        "nonneg_project/keep_nonneg": ("nonneg_project", "keep_nonneg"),
+        "keras_constrained/keras_plain": ("keras_constrained", "keras_plain"),
+        "keras_plain/plain": ("keras_plain", "plain"),
+    }
+    pairs.update({f"{n}/plain": (n, "plain") for n in runs if n not in dict(pairs.values())})
+    for key, (a, b) in pairs.items():
+        out["ratios"][key] = {c: ratio(a, b, c) for c in ("cpu", "wall")}
+    return out
+
+
+# -- compile -----------------------------------------------------------------
+
+
+def compile_section(quick: bool) -> dict:
+    sizes = (10, 100) if quick else (10, 100, 1000)
+    out = {}
+    for n in sizes:
+        params = W.many_leaves_params(n)
+        out[n] = {}
+        for name in ("plain", "project", "hand_oc"):
+            # A learning rate unique to this measurement: no cache can answer.
+            lr = W.LEARNING_RATE * (1 + 1e-3 * len(out[n]) + 1e-6 * n)
+            step, tx = W.optax_steps(lr)[name]
+            state = tx.init(params)
+            jitted = W.jit_step(step)
+            w0, c0 = time.perf_counter(), time.process_time()
+            lowered = jitted.lower(params, state, params)
+            w1, c1 = time.perf_counter(), time.process_time()
+            lowered.compile()
+            w2, c2 = time.perf_counter(), time.process_time()
+            out[n][name] = {
+                "trace_s": w1 - w0,
+                "compile_s": w2 - w1,
+                "total_s": w2 - w0,
+                "total_cpu_s": c2 - c0,
+            }
+    return out
+
+
+# -- matrix constraints ------------------------------------------------------
+
+
+def _sigma_max(w) -> float:
+    a = np.asarray(w, np.float64)
+    return float(np.linalg.norm(a.reshape(-1, a.shape[-1]), 2))
+
+
+def matrix_section(quick: bool) -> dict:
+    if not (hasattr(oc, "SpectralNorm") and hasattr(oc, "Orthogonal")):
+        print("matrix: oc.SpectralNorm / oc.Orthogonal not available, section skipped")
+        return {"skipped": True}
+    n, width = (2, 128) if quick else (4, 384)
+    keys = jax.random.split(jax.random.key(3), 2 * n)
+    # Kernels near the feasible set, as in training (the first projection
+    # happened at init), and one Adam-sized step away from it.
+    params = {
+        f"k{i}": oc.Orthogonal()(jax.random.normal(keys[i], (width, width))) * 2.0
+        for i in range(n)
+    }
+    grads = {f"k{i}": jax.random.normal(keys[n + i], (width, width)) for i in range(n)}
+    constraints = {
+        "spectral_power": oc.SpectralNorm(2.0, method="power"),
+        "spectral_svd": oc.SpectralNorm(2.0, method="svd"),
+        "orthogonal_newton_schulz": oc.Orthogonal(method="newton_schulz"),
+        "orthogonal_svd": oc.Orthogonal(method="svd"),
+    }
+    adam = optax.adam(1e-2)
+    runs, accuracy = {}, {}
+
+    def plain(p, s, g):
+        u, s = adam.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    runs["plain"] = _optax_run(plain, adam, params, grads)
+    for name, c in constraints.items():
+        tx = optax.chain(adam, oc.project(c))
+
+        def step(p, s, g, tx=tx):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        runs[name] = _optax_run(step, tx, params, grads)
+        # Accuracy of one step from the same start.
+        p, s = jax.jit(step)(params, tx.init(params), grads)
+        if name.startswith("spectral"):
+            excess = max(_sigma_max(p[k]) / 2.0 - 1 for k in p)
+            accuracy[name] = {"max_sigma_excess_rel": excess}
+        else:
+            gram = max(float(np.abs(np.asarray(p[k]).T @ np.asarray(p[k]) - np.eye(width)).max()) for k in p)
+            accuracy[name] = {"max_abs_gram_minus_identity": gram}
+    # The two Orthogonal methods on the same input: distance between results.
+    q = {k: params[k] + 0.05 * grads[k] for k in params}
+    ns = [oc.Orthogonal(method="newton_schulz")(q[k]) for k in q]
+    svd = [oc.Orthogonal(method="svd")(q[k]) for k in q]
+    accuracy["orthogonal_newton_schulz"]["max_abs_diff_to_svd"] = max(
+        float(jnp.max(jnp.abs(a - b))) for a, b in zip(ns, svd, strict=True)
+    )
+    pw = [
+        oc.SpectralNorm(2.0).apply(q[k], oc.SpectralNorm(2.0).init_state(params[k]), 0)[0]
+        for k in q
+    ]
+    accuracy["spectral_power"]["one_step_sigma_excess_rel"] = max(_sigma_max(w) / 2.0 - 1 for w in pw)
+
+    reps = 4 if quick else 10
+    times = T.interleaved(runs, reps, warmup=1)
+    return {
+        "kernels": f"{n} x ({width}, {width})",
+        "ratios": {
+            f"{k}/plain": {c: T.ratio_stats(times[k][c], times["plain"][c]) for c in ("cpu", "wall")}
+            for k in constraints
+        },
+        "times": {k: {c: T.time_stats(t[c]) for c in ("cpu", "wall")} for k, t in times.items()},
+        "accuracy": accuracy,
+    }
+
+
+# -- report ------------------------------------------------------------------
+
+
+def _fmt(stats: dict) -> str:
+    return f"{stats['median']:.3f} [{stats['min']:.2f}-{stats['max']:.2f}]"
+
+
+def report(results: dict) -> list[str]:
+    step, mem = results["step"], results["step"]["memory"]
+    r = step["ratios"]
+    lines = [
+        f"optax_constraints benchmark - {results['machine']} - {results['date']}"
+        f" - jax {results['versions']['jax']} ({results['backend']}) - mode {results['mode']}",
+        f"reference workload: {step['n_params'] / 1e6:.1f}M params, Adam, donated;"
+        f" {step['reps']} interleaved rounds; ratio median [min-max] per round",
+        "",
+        f"{'goal':52s} {'target':>8s}  {'CPU time':>20s}  {'wall time':>20s}",
+    ]
+
+    def row(label, key, target):
+        lines.append(f"{label:52s} {target:>8s}  {_fmt(r[key]['cpu']):>20s}  {_fmt(r[key]['wall']):>20s}")
+
+    row("project step / plain Adam step", "project/plain", "<= 1.10")
+    row("project / hand-written (apply, tree_map oc constraint)", "project/hand_oc", "<= 1.00")
+    row("project / hand-written (Keras's formula, unsafe)", "project/hand_keras", "<= 1.00")
+    row("NonNeg every leaf / optax.keep_params_nonnegative", "nonneg_project/keep_nonneg", "<= 1.02")
+    row("constraint overhead, ours: project / plain Adam", "project/plain", "< Keras")
+    row("constraint overhead, Keras: constrained / plain", "keras_constrained/keras_plain", "")
+    peak = mem["project"]["peak_mb"] / mem["plain"]["peak_mb"]
+    lines.append(
+        f"{'peak memory of the step / plain (memory_analysis)':52s} {'<= 1.05':>8s}  {peak:>20.3f}"
+        f"  temp {mem['project']['temp_mb']:.1f} MB vs {mem['plain']['temp_mb']:.1f} MB"
+    )
+    comp = results["compile"]
+    for n, by in comp.items():
+        ratio = by["project"]["total_s"] / by["plain"]["total_s"]
+        ratio_cpu = by["project"]["total_cpu_s"] / by["plain"]["total_cpu_s"]
+        per_leaf = 1e3 * by["project"]["total_s"] / int(n)
+        lines.append(
+            f"{f'trace+compile, {n} leaves: project / plain':52s} {'<= 1.2':>8s}  {ratio_cpu:>20.3f}"
+            f"  {ratio:>20.3f}  ({per_leaf:.1f} ms/leaf)"
+        )
+    lines += ["", "other rows (ratio to plain Adam, CPU time):"]
+    for key, val in r.items():
+        if key.endswith("/plain") and key != "project/plain":
+            lines.append(f"  {key:48s} {_fmt(val['cpu']):>20s}   wall {_fmt(val['wall'])}")
+    lines += ["", "memory_analysis (MB): temp / peak"]
+    for name, m in mem.items():
+        lines.append(f"  {name:30s} temp {m['temp_mb']:8.2f}   peak {m['peak_mb']:8.1f}")
+    mat = results["matrix"]
+    if not mat.get("skipped"):
+        lines += ["", f"matrix constraints, {mat['kernels']} kernels, Adam step / plain Adam:"]
+        for key, val in mat["ratios"].items():
+            name = key.split("/")[0]
+            acc = ", ".join(f"{k} {v:.2e}" for k, v in mat["accuracy"][name].items())
+            lines.append(f"  {name:26s} {_fmt(val['cpu']):>20s}   {acc}")
+    return lines
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ratios = results["step"]["ratios"]
+    keys = [k for k in ratios if k.endswith("/plain")]
+    for ax, clock in ((axes[0, 0], "cpu"), (axes[0, 1], "wall")):
+        med = [ratios[k][clock]["median"] for k in keys]
+        lo = [m - ratios[k][clock]["min"] for m, k in zip(med, keys, strict=True)]
+        hi = [ratios[k][clock]["max"] - m for m, k in zip(med, keys, strict=True)]
+        ax.barh(range(len(keys)), med, xerr=[lo, hi], color="tab:blue", alpha=0.7)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(1.1, color="tab:red", lw=0.8, ls="--")
+        ax.set_yticks(range(len(keys)), [k.replace("/plain", "") for k in keys], fontsize=7)
+        ax.set_title(f"step time / plain Adam ({clock} time, median, min-max)")
+    ax = axes[1, 0]
+    comp = results["compile"]
+    sizes = [int(n) for n in comp]
+    for name in ("plain", "project", "hand_oc"):
+        ax.plot(sizes, [comp[n][name]["total_s"] for n in comp], "o-", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("leaves")
+    ax.set_ylabel("trace + compile (s, wall)")
+    ax.legend()
+    ax.set_title("compile time")
+    ax = axes[1, 1]
+    mem = results["step"]["memory"]
+    names = list(mem)
+    ax.barh(range(len(names)), [mem[n]["temp_mb"] for n in names], color="tab:orange")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("temp buffers (MB, memory_analysis)")
+    ax.set_title("temporary memory of the step")
+    fig.suptitle(f"optax_constraints - {results['machine']} - {results['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer rounds, sizes")
+    parser.add_argument("--formulations", action="store_true", help="also in --quick mode")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    import keras  # noqa: PLC0415
+
+    started = time.perf_counter()
+    machine = f"{platform.node() or 'host'}-{jax.default_backend()}-{os.cpu_count()}cpu"
+    results = {
+        "machine": machine,
+        "cpu": platform.processor() or platform.machine(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "mode": "quick" if args.quick else "full",
+        "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": importlib.metadata.version("jaxlib"),
+            "optax": optax.__version__,
+            "keras": keras.__version__,
+        },
+    }
+    print("step (and formulations) ...", flush=True)
+    results["step"] = step_section(args.quick, args.formulations or not args.quick)
+    print("compile ...", flush=True)
+    results["compile"] = compile_section(args.quick)
+    print("matrix ...", flush=True)
+    results["matrix"] = matrix_section(args.quick)
+    results["seconds"] = time.perf_counter() - started
+    lines = report(results)
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{machine}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / f"{stem}.png")
+    print(f"\nwrote {args.out / stem}.json and .png ({results['seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
