@@ -118,20 +118,7 @@ def project(
 
         def projected(operands):
             flat_u, states = operands
-            flat_u, states = list(flat_u), dict(states)
-            order = _InGroups()
-            for r in routes:
-                i, key, c = r.leaf.index, r.leaf.path_str, r.constraint
-                args = (flat_params[i], flat_u[i], states.get(key), state.count)
-                if type(c).project_update is Constraint.project_update:
-                    args = (args[0], order.after_previous_group(args[1]), *args[2:])
-                    flat_u[i], new_state, target = update_and_target(c, *args)
-                    order.add(target)
-                else:  # an exact update-space form (NonNeg): elementwise, nothing to order
-                    flat_u[i], new_state = c.project_update(*args)
-                if key in states:
-                    states[key] = new_state
-            return flat_u, states
+            return _project_leaves(routes, flat_params, list(flat_u), dict(states), state.count)
 
         operands = (flat_updates, state.constraint_states)
         if every_k_steps == 1:
@@ -145,12 +132,32 @@ def project(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-GROUP_BYTES = 8 * 2**20
-"""Leaves projected concurrently by `project`, in bytes of their targets (see `_InGroups`)."""
+GROUP_BYTES = 4 * 2**20
+"""Bytes of targets that `project` projects concurrently (see `_InGroups`)."""
+
+
+def _project_leaves(routes, flat_params, flat_u, states, count):
+    """Every routed leaf's projected update, in groups (see `_InGroups`)."""
+    order = _InGroups()
+    for r in routes:
+        i, key, c = r.leaf.index, r.leaf.path_str, r.constraint
+        if type(c).project_update is Constraint.project_update:
+            update = order.after_previous_group(flat_u[i])
+            flat_u[i], new_state, target = update_and_target(
+                c, flat_params[i], update, states.get(key), count
+            )
+            order.add(target)
+        else:  # an exact update-space form (NonNeg): elementwise, nothing to order
+            flat_u[i], new_state = c.project_update(
+                flat_params[i], flat_u[i], states.get(key), count
+            )
+        if key in states:
+            states[key] = new_state
+    return flat_u, states
 
 
 class _InGroups:
-    """Orders the leaves' projections in groups of about `GROUP_BYTES`.
+    """Orders the projections in groups of about `GROUP_BYTES` of targets.
 
     A norm-type projection of `q = p + u` reads `q` twice (the norms, then the
     rescaling) and needs `p` again for `C(q) - p`, so XLA writes `q` to a
@@ -161,19 +168,19 @@ class _InGroups:
 
     Here each group's updates depend on the previous group's targets through
     a scalar that is always exactly 0.0 (`u - 0.0 == u` bit for bit, `-0.0`
-    and NaN included): a reduction over a corner of each target, which XLA
-    cannot prove constant. A reduction stays a step of its own, one level
-    below the rescaling pass, so a breadth-first schedule finishes a group's
-    rescaling before it starts the next group's `q`, and the temporary
-    buffers are reused. Memory-minimising schedulers need no help; on them
-    the extra work is a few scalar operations per leaf.
+    and NaN included): a test on the sum of a few entries of every target in
+    the group, which XLA cannot prove constant. A reduction stays a step of
+    its own, one level below the rescaling pass, so a breadth-first schedule
+    finishes a group's rescaling before it starts the next group's `q`, and
+    the temporary buffers are reused. Memory-minimising schedulers need no
+    help; on them the extra work is a few scalar operations per group.
     """
 
     def __init__(self):
         self.group_bytes = GROUP_BYTES
         self.previous = None  # 0.0, computed from the previous group's targets
-        self.current: list[jax.Array] = []
-        self.current_bytes = 0
+        self.corners: list[jax.Array] = []
+        self.group_size = 0
 
     def after_previous_group(self, update: jax.Array) -> jax.Array:
         if self.previous is None:
@@ -181,12 +188,15 @@ class _InGroups:
         return update - self.previous.astype(update.dtype)
 
     def add(self, target: jax.Array) -> None:
-        corner = target.reshape(-1)[:8]
-        self.current.append((jnp.sum(corner) > 0).astype(jnp.float32) * 0)
-        self.current_bytes += target.size * target.dtype.itemsize
-        if self.current_bytes >= self.group_bytes:
-            self.previous = sum(self.current[1:], self.current[0])
-            self.current, self.current_bytes = [], 0
+        # One entry, sliced per axis: flattening a sharded target first
+        # (`reshape(-1)[:8]`) makes XLA all-gather the whole parameter.
+        corner = target[(slice(0, 1),) * target.ndim].reshape(-1)
+        self.corners.append(corner.astype(jnp.float32))
+        self.group_size += target.size * target.dtype.itemsize
+        if self.group_size >= self.group_bytes:
+            corners = jnp.concatenate(self.corners)
+            self.previous = (jnp.sum(corners) > 0).astype(jnp.float32) * 0
+            self.corners, self.group_size = [], 0
 
 
 def _routes(params, constraints, param_labels) -> list[Route]:

@@ -1,0 +1,179 @@
+"""What makes `project` cheap, checked structurally (no timings).
+
+XLA's `compiled.memory_analysis()` and the lowered program are deterministic,
+so these tests pin the properties `docs/performance.md` explains, on the
+reference workload of `benchmarks/run.py` (eight Dense kernels 1536x1536,
+four Conv kernels 3x3x256x256, biases; Adam; params and state donated):
+
+* the step's peak memory is within 5% of plain Adam's, and its temporary
+  buffers are far from one copy of the constrained kernels (the projections
+  run in groups, `_InGroups`);
+* the hand-written step with our constraints updates the donated buffers in
+  place (overflow-safe `unit_norms` without a branch or a shared broadcast);
+* NonNeg on every leaf costs what `optax.keep_params_nonnegative` costs;
+* ordering changes no bit of the result.
+
+Shapes are abstract (`jax.ShapeDtypeStruct`): nothing is allocated or run
+for the large workload.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_constraints as oc
+from optax_constraints import _transform
+
+MB = 2**20
+RULES = {"dense*/kernel": "dense", "conv*/kernel": "conv", "**/bias": "bias"}
+CONSTRAINTS = {
+    "dense": oc.MaxNorm(3.0, axis=0),
+    "conv": oc.MaxNorm(3.0, axis=(0, 1, 2)),
+    "bias": oc.NonNeg(),
+}
+
+
+def reference_shapes() -> dict:
+    f32 = jnp.float32
+    params = {}
+    for i in range(8):
+        params[f"dense{i}"] = {
+            "kernel": jax.ShapeDtypeStruct((1536, 1536), f32),
+            "bias": jax.ShapeDtypeStruct((1536,), f32),
+        }
+    for i in range(4):
+        params[f"conv{i}"] = {
+            "kernel": jax.ShapeDtypeStruct((3, 3, 256, 256), f32),
+            "bias": jax.ShapeDtypeStruct((256,), f32),
+        }
+    return params
+
+
+def compiled_step(tx, params, *, then=None):
+    """`tx` then `apply_updates` (then `then(params)`), jitted with donation."""
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return (p if then is None else then(p)), s
+
+    state = jax.eval_shape(tx.init, params)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+
+
+def memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    return {"temp": m.temp_size_in_bytes, "peak": peak}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    params = reference_shapes()
+    labels = oc.label_by_path(RULES)
+    adam = optax.adam(1e-3)
+
+    def hand(p):
+        return jax.tree.map(lambda w, label: CONSTRAINTS[label](w), p, labels(p))
+
+    return {
+        "params": params,
+        "plain": memory(compiled_step(adam, params)),
+        "project": memory(compiled_step(optax.chain(adam, oc.project(CONSTRAINTS, labels)), params)),
+        "hand": memory(compiled_step(adam, params, then=hand)),
+    }
+
+
+def test_project_peak_memory_within_5_percent_of_plain_adam(reference):
+    assert reference["project"]["peak"] <= 1.05 * reference["plain"]["peak"]
+
+
+def test_project_temporaries_are_one_group_not_every_kernel(reference):
+    kernels = [x for k, x in jax.tree_util.tree_leaves_with_path(reference["params"])
+               if "kernel" in jax.tree_util.keystr(k)]
+    all_kernels = sum(int(np.prod(x.shape)) * 4 for x in kernels)
+    largest = max(int(np.prod(x.shape)) * 4 for x in kernels)
+    # Unordered, XLA:CPU keeps p + u of every kernel alive at once (~85 MB).
+    assert reference["project"]["temp"] <= max(largest, _transform.GROUP_BYTES) + 1 * MB
+    assert reference["project"]["temp"] < all_kernels / 4
+
+
+def test_hand_written_step_with_our_constraints_runs_in_place(reference):
+    # apply_updates, then tree_map(constraint): XLA writes p + u into the
+    # donated buffer and rescales it there; the overflow-safe norms must not
+    # add a buffer (no lax.cond, no broadcast shared between leaves).
+    assert reference["hand"]["temp"] <= 1 * MB
+    assert reference["hand"]["peak"] <= reference["plain"]["peak"] + 1 * MB
+
+
+def test_nonneg_everywhere_costs_what_keep_params_nonnegative_costs():
+    params = reference_shapes()
+    adam = optax.adam(1e-3)
+    ours = memory(compiled_step(optax.chain(adam, oc.project(oc.NonNeg())), params))
+    optax_own = memory(compiled_step(optax.chain(adam, optax.keep_params_nonnegative()), params))
+    assert ours["temp"] <= optax_own["temp"] + 64 * 1024
+    assert ours["peak"] <= optax_own["peak"] + 64 * 1024
+
+
+# -- ordering is exact -----------------------------------------
+
+
+def _small_problem():
+    keys = iter(jax.random.split(jax.random.key(0), 32))
+    params, updates = {}, {}
+    for i in range(5):  # five same-kind kernels: one batch
+        params[f"dense{i}"] = {"kernel": jax.random.normal(next(keys), (48, 32)),
+                               "bias": jax.random.normal(next(keys), (32,))}
+    params["conv0"] = {"kernel": jax.random.normal(next(keys), (3, 3, 8, 16)) * 3,
+                       "bias": jax.random.normal(next(keys), (16,))}
+    for name, layer in params.items():
+        updates[name] = {k: jax.random.normal(next(keys), v.shape) * 0.5 for k, v in layer.items()}
+    return params, updates
+
+
+def _updates(params, updates):
+    tx = oc.project(CONSTRAINTS, oc.label_by_path(RULES))
+    new, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+    return new
+
+
+def _bits(tree):
+    return [np.asarray(x).view(np.uint32) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"GROUP_BYTES": 1},  # every leaf its own group: ordered one by one
+        {"GROUP_BYTES": 2**62},  # one group: no ordering
+    ],
+)
+def test_ordering_changes_no_bit(monkeypatch, settings):
+    params, updates = _small_problem()
+    default = _updates(params, updates)
+    for name, value in settings.items():
+        monkeypatch.setattr(_transform, name, value)
+    other = _updates(params, updates)
+    for a, b in zip(_bits(default), _bits(other), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ordered_update_equals_each_constraints_own_project_update():
+    params, updates = _small_problem()
+    got = _updates(params, updates)
+    for name, layer in params.items():
+        for leaf, p in layer.items():
+            c = CONSTRAINTS["bias" if leaf == "bias" else name.rstrip("0123456789")]
+            want, _ = jax.jit(lambda p, u, c=c: c.project_update(p, u, None, 0))(
+                p, updates[name][leaf]
+            )
+            np.testing.assert_array_equal(_bits(want)[0], _bits(got[name][leaf])[0])
