@@ -275,7 +275,9 @@ def _newton_schulz(x, num_iters):
     # The polar factor ignores scale: dividing by the largest entry first keeps
     # the Gram matrix in range (float32 squares overflow past ~1e19 and flush
     # to zero below ~1e-19, which made such kernels come back as zeros).
-    peak = jnp.max(jnp.abs(x))
+    # The scale is a constant for the derivative (exact, by scale invariance, and
+    # free of the 1 / peak**2 term that overflows for tiny kernels).
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
     x = x / jnp.where(peak > 0, peak, 1)
     gram = x.T @ x
     bound_sq = jnp.minimum(jnp.trace(gram), jnp.max(jnp.sum(jnp.abs(gram), axis=1)))
@@ -294,7 +296,9 @@ def _newton_schulz(x, num_iters):
 
 
 def _normalize(x, fallback):
-    peak = jnp.max(jnp.abs(x))  # scale first: x * x must neither overflow nor flush to 0
+    # Scale first: x * x must neither overflow nor flush to 0. The result does not
+    # depend on the scale, so its derivative is taken as constant (exactly).
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
     x = x / jnp.where(peak > 0, peak, 1)
     sumsq = jnp.sum(x * x)
     positive = sumsq > 0
