@@ -78,7 +78,9 @@ def _keras_max_norm(w, axis):
 def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callable, object]]:
     """name -> (step, optimizer whose `init` builds the state)."""
     adam = optax.adam(learning_rate)
-    projected = optax.chain(adam, oc.project(CONSTRAINTS, oc.label_by_path(RULES, allow_unmatched=True)))
+    projected = optax.chain(
+        adam, oc.project(CONSTRAINTS, oc.label_by_path(RULES, allow_unmatched=True))
+    )
 
     def plain(p, s, g):
         u, s = adam.update(g, s, p)
@@ -152,7 +154,7 @@ def keras_steps(params) -> dict[str, tuple[Callable, list, list]]:
     `"keras_constrained"` sets the same constraints on the Keras variables;
     Keras projects them after the update inside `stateless_apply`.
     """
-    import keras  # noqa: PLC0415 (KERAS_BACKEND must be set first, by run.py)
+    import keras  # imported late: KERAS_BACKEND must be set first (run.py does)
 
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     labels = jax.tree.leaves(labels_of(params))

@@ -24,8 +24,8 @@ plot next to it. Sections:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -159,6 +159,7 @@ def compile_section(quick: bool) -> dict:
                 "trace_s": w1 - w0,
                 "compile_s": w2 - w1,
                 "total_s": w2 - w0,
+                "trace_cpu_s": c1 - c0,
                 "total_cpu_s": c2 - c0,
             }
     return out
@@ -181,8 +182,7 @@ def matrix_section(quick: bool) -> dict:
     # Kernels near the feasible set, as in training (the first projection
     # happened at init), and one Adam-sized step away from it.
     params = {
-        f"k{i}": oc.Orthogonal()(jax.random.normal(keys[i], (width, width))) * 2.0
-        for i in range(n)
+        f"k{i}": oc.Orthogonal()(jax.random.normal(keys[i], (width, width))) * 2.0 for i in range(n)
     }
     grads = {f"k{i}": jax.random.normal(keys[n + i], (width, width)) for i in range(n)}
     constraints = {
@@ -208,12 +208,15 @@ def matrix_section(quick: bool) -> dict:
 
         runs[name] = _optax_run(step, tx, params, grads)
         # Accuracy of one step from the same start.
-        p, s = jax.jit(step)(params, tx.init(params), grads)
+        p, _ = jax.jit(step)(params, tx.init(params), grads)
         if name.startswith("spectral"):
             excess = max(_sigma_max(p[k]) / 2.0 - 1 for k in p)
             accuracy[name] = {"max_sigma_excess_rel": excess}
         else:
-            gram = max(float(np.abs(np.asarray(p[k]).T @ np.asarray(p[k]) - np.eye(width)).max()) for k in p)
+            gram = max(
+                float(np.abs(np.asarray(p[k]).T @ np.asarray(p[k]) - np.eye(width)).max())
+                for k in p
+            )
             accuracy[name] = {"max_abs_gram_minus_identity": gram}
     # The two Orthogonal methods on the same input: distance between results.
     q = {k: params[k] + 0.05 * grads[k] for k in params}
@@ -226,14 +229,18 @@ def matrix_section(quick: bool) -> dict:
         oc.SpectralNorm(2.0).apply(q[k], oc.SpectralNorm(2.0).init_state(params[k]), 0)[0]
         for k in q
     ]
-    accuracy["spectral_power"]["one_step_sigma_excess_rel"] = max(_sigma_max(w) / 2.0 - 1 for w in pw)
+    accuracy["spectral_power"]["one_step_sigma_excess_rel"] = max(
+        _sigma_max(w) / 2.0 - 1 for w in pw
+    )
 
     reps = 4 if quick else 10
     times = T.interleaved(runs, reps, warmup=1)
     return {
         "kernels": f"{n} x ({width}, {width})",
         "ratios": {
-            f"{k}/plain": {c: T.ratio_stats(times[k][c], times["plain"][c]) for c in ("cpu", "wall")}
+            f"{k}/plain": {
+                c: T.ratio_stats(times[k][c], times["plain"][c]) for c in ("cpu", "wall")
+            }
             for k in constraints
         },
         "times": {k: {c: T.time_stats(t[c]) for c in ("cpu", "wall")} for k, t in times.items()},
@@ -261,12 +268,16 @@ def report(results: dict) -> list[str]:
     ]
 
     def row(label, key, target):
-        lines.append(f"{label:52s} {target:>8s}  {_fmt(r[key]['cpu']):>20s}  {_fmt(r[key]['wall']):>20s}")
+        lines.append(
+            f"{label:52s} {target:>8s}  {_fmt(r[key]['cpu']):>20s}  {_fmt(r[key]['wall']):>20s}"
+        )
 
     row("project step / plain Adam step", "project/plain", "<= 1.10")
     row("project / hand-written (apply, tree_map oc constraint)", "project/hand_oc", "<= 1.00")
     row("project / hand-written (Keras's formula, unsafe)", "project/hand_keras", "<= 1.00")
-    row("NonNeg every leaf / optax.keep_params_nonnegative", "nonneg_project/keep_nonneg", "<= 1.02")
+    row(
+        "NonNeg every leaf / optax.keep_params_nonnegative", "nonneg_project/keep_nonneg", "<= 1.02"
+    )
     row("constraint overhead, ours: project / plain Adam", "project/plain", "< Keras")
     row("constraint overhead, Keras: constrained / plain", "keras_constrained/keras_plain", "")
     peak = mem["project"]["peak_mb"] / mem["plain"]["peak_mb"]
@@ -301,10 +312,10 @@ def report(results: dict) -> list[str]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ratios = results["step"]["ratios"]
@@ -347,7 +358,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--formulations", action="store_true", help="also in --quick mode")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    import keras  # noqa: PLC0415
+    import keras
 
     started = time.perf_counter()
     machine = f"{platform.node() or 'host'}-{jax.default_backend()}-{os.cpu_count()}cpu"

@@ -88,7 +88,9 @@ def reference():
     return {
         "params": params,
         "plain": memory(compiled_step(adam, params)),
-        "project": memory(compiled_step(optax.chain(adam, oc.project(CONSTRAINTS, labels)), params)),
+        "project": memory(
+            compiled_step(optax.chain(adam, oc.project(CONSTRAINTS, labels)), params)
+        ),
         "hand": memory(compiled_step(adam, params, then=hand)),
     }
 
@@ -98,8 +100,11 @@ def test_project_peak_memory_within_5_percent_of_plain_adam(reference):
 
 
 def test_project_temporaries_are_one_group_not_every_kernel(reference):
-    kernels = [x for k, x in jax.tree_util.tree_leaves_with_path(reference["params"])
-               if "kernel" in jax.tree_util.keystr(k)]
+    kernels = [
+        x
+        for k, x in jax.tree_util.tree_leaves_with_path(reference["params"])
+        if "kernel" in jax.tree_util.keystr(k)
+    ]
     all_kernels = sum(int(np.prod(x.shape)) * 4 for x in kernels)
     largest = max(int(np.prod(x.shape)) * 4 for x in kernels)
     # Unordered, XLA:CPU keeps p + u of every kernel alive at once (~85 MB).
@@ -127,14 +132,23 @@ def test_nonneg_everywhere_costs_what_keep_params_nonnegative_costs():
 # -- ordering is exact -----------------------------------------
 
 
-def _small_problem():
+def _problem():
+    # Leaves of at least `ORDERED_SIZE` elements take part in the ordering.
     keys = iter(jax.random.split(jax.random.key(0), 32))
     params, updates = {}, {}
-    for i in range(5):  # five same-kind kernels: one batch
-        params[f"dense{i}"] = {"kernel": jax.random.normal(next(keys), (48, 32)),
-                               "bias": jax.random.normal(next(keys), (32,))}
-    params["conv0"] = {"kernel": jax.random.normal(next(keys), (3, 3, 8, 16)) * 3,
-                       "bias": jax.random.normal(next(keys), (16,))}
+    for i in range(4):
+        params[f"dense{i}"] = {
+            "kernel": jax.random.normal(next(keys), (256, 320)),
+            "bias": jax.random.normal(next(keys), (320,)),
+        }
+    params["conv0"] = {
+        "kernel": jax.random.normal(next(keys), (3, 3, 64, 128)) * 0.2,
+        "bias": jax.random.normal(next(keys), (128,)),
+    }
+    params["dense_small"] = {
+        "kernel": jax.random.normal(next(keys), (16, 8)),
+        "bias": jax.random.normal(next(keys), (8,)),
+    }
     for name, layer in params.items():
         updates[name] = {k: jax.random.normal(next(keys), v.shape) * 0.5 for k, v in layer.items()}
     return params, updates
@@ -155,10 +169,11 @@ def _bits(tree):
     [
         {"GROUP_BYTES": 1},  # every leaf its own group: ordered one by one
         {"GROUP_BYTES": 2**62},  # one group: no ordering
+        {"ORDERED_SIZE": 1},  # the small leaves too
     ],
 )
 def test_ordering_changes_no_bit(monkeypatch, settings):
-    params, updates = _small_problem()
+    params, updates = _problem()
     default = _updates(params, updates)
     for name, value in settings.items():
         monkeypatch.setattr(_transform, name, value)
@@ -168,11 +183,12 @@ def test_ordering_changes_no_bit(monkeypatch, settings):
 
 
 def test_ordered_update_equals_each_constraints_own_project_update():
-    params, updates = _small_problem()
+    params, updates = _problem()
     got = _updates(params, updates)
     for name, layer in params.items():
         for leaf, p in layer.items():
-            c = CONSTRAINTS["bias" if leaf == "bias" else name.rstrip("0123456789")]
+            label = "bias" if leaf == "bias" else "conv" if name.startswith("conv") else "dense"
+            c = CONSTRAINTS[label]
             want, _ = jax.jit(lambda p, u, c=c: c.project_update(p, u, None, 0))(
                 p, updates[name][leaf]
             )

@@ -54,29 +54,28 @@ def _hashable(value):
 class Constraint:
     """Base class for weight constraints: a projection `w -> w'`.
 
-        Subclass it and override `__call__` (and `get_config` if the constructor
-        takes arguments), exactly as with `keras.constraints.Constraint`. The base
-        class itself is the identity.
+    Subclass it and override `__call__` (and `get_config` if the constructor
+    takes arguments), exactly as with `keras.constraints.Constraint`. The base
+    class itself is the identity.
 
-        Instances are hashable and compare equal when their class and config are
-        equal, so they can be static arguments to `jax.jit`.
+    Instances are hashable and compare equal when their class and config are
+    equal, so they can be static arguments to `jax.jit`.
 
-        Example (the custom constraint from the Keras guide):
+    Example (the custom constraint from the Keras guide):
 
-        >>> import jax.numpy as jnp
-
-        >>> import optax_constraints as oc
-        >>> class CenterAround(oc.Constraint):
-        ...     def __init__(self, ref_value):
-        ...         self.ref_value = ref_value
-        ...     def __call__(self, w):
-        ...         return w - jnp.mean(w) + self.ref_value
-        ...     def get_config(self):
-        ...         return {"ref_value": self.ref_value}
-        >>> CenterAround(1.0)(jnp.array([0.0, 2.0]))
-        Array([0., 2.], dtype=float32)
-        >>> CenterAround.from_config({"ref_value": 1.0})
-        CenterAround(ref_value=1.0)
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> class CenterAround(oc.Constraint):
+    ...     def __init__(self, ref_value):
+    ...         self.ref_value = ref_value
+    ...     def __call__(self, w):
+    ...         return w - jnp.mean(w) + self.ref_value
+    ...     def get_config(self):
+    ...         return {"ref_value": self.ref_value}
+    >>> CenterAround(1.0)(jnp.array([0.0, 2.0]))
+    Array([0., 2.], dtype=float32)
+    >>> CenterAround.from_config({"ref_value": 1.0})
+    CenterAround(ref_value=1.0)
     """
 
     #: Names of constructor arguments that may be Optax schedules.
@@ -195,15 +194,14 @@ def update_and_target(
 class FunctionConstraint(Constraint):
     """Wraps any callable `w -> w` so it can be routed like a `Constraint`.
 
-        `project` does this for you when a plain function appears in its
-        `constraints` mapping.
+    `project` does this for you when a plain function appears in its
+    `constraints` mapping.
 
-        >>> import jax.numpy as jnp
-
-        >>> import optax_constraints as oc
-        >>> c = oc.FunctionConstraint(jnp.abs)
-        >>> c(jnp.array([-1.0, 2.0]))
-        Array([1., 2.], dtype=float32)
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> c = oc.FunctionConstraint(jnp.abs)
+    >>> c(jnp.array([-1.0, 2.0]))
+    Array([1., 2.], dtype=float32)
     """
 
     def __init__(self, fn: Callable[[jax.Array], jax.Array]):
