@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_constraints.projections import compute_dtype
+from optax_constraints.projections._norms import branch_on_overflow
 
 PyTree = Any
 
@@ -165,6 +166,10 @@ class Constraint:
         return f"{type(self).__name__}({args})"
 
 
+BRANCH_SIZE = 2**16
+"""Leaves with at least this many elements use `branch_on_overflow` in `update_and_target`."""
+
+
 def update_and_target(
     constraint: Constraint, param: jax.Array, update: jax.Array, state: PyTree, step: jax.Array
 ) -> tuple[jax.Array, PyTree, jax.Array]:
@@ -187,7 +192,10 @@ def update_and_target(
     """
     dtype = compute_dtype(param.dtype)
     param_c = param.astype(dtype)
-    target, state = constraint.apply(param_c + update.astype(dtype), state, step)
+    # `param + update` is a temporary buffer here: on large leaves, norms may
+    # branch (CPU); on small ones a branch costs more compile time than it saves.
+    with branch_on_overflow(param.size >= BRANCH_SIZE):
+        target, state = constraint.apply(param_c + update.astype(dtype), state, step)
     return (target - param_c).astype(update.dtype), state, target
 
 

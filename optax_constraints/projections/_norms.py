@@ -14,9 +14,11 @@ bfloat16 and float16 inputs are computed in float32 and cast back.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -99,12 +101,13 @@ def projection(fn: Callable) -> Callable:
     first = next(iter(signature.parameters))
 
     @functools.cache
-    def compiled(static_items):
+    def compiled(static_items, branch):
         static = dict(static_items)
 
         def run(w, dynamic):
             dtype = w.dtype
-            out = fn(w.astype(compute_dtype(dtype)), **static, **dynamic)
+            with branch_on_overflow(branch):  # part of the cache key: see `unit_norms`
+                out = fn(w.astype(compute_dtype(dtype)), **static, **dynamic)
             return out.astype(dtype) if dtype in _LOW_PRECISION else out
 
         return jax.jit(run)
@@ -117,7 +120,7 @@ def projection(fn: Callable) -> Callable:
         w = as_array(arguments.pop(first))
         static = {k: _static(v) for k, v in arguments.items() if not _is_array(v)}
         dynamic = {k: v for k, v in arguments.items() if _is_array(v)}
-        return compiled(tuple(sorted(static.items())))(w, dynamic)
+        return compiled(tuple(sorted(static.items())), _BRANCH_ON_OVERFLOW.get())(w, dynamic)
 
     return wrapper
 
@@ -156,20 +159,65 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
         # (w * 2**-k)**2 as (w * w) * 2**-2k, which overflows again (or
         # flushes to 0). The norm of one entry is |w|, exactly.
         return jnp.where(overflow, jnp.abs(w), _safe_sqrt(sumsq))
+    if not _BRANCH_ON_OVERFLOW.get():
+        return _rescaled_where_overflowed(w, axes, sumsq)
+
+    def branch():
+        return jax.lax.cond(
+            jnp.any(overflow),
+            lambda: _rescaled_where_overflowed(w, axes, sumsq),
+            lambda: _safe_sqrt(sumsq),
+        )
+
+    # On GPU a `cond` waits for the host to read the predicate: no branch there.
+    return jax.lax.platform_dependent(
+        cpu=branch, default=lambda: _rescaled_where_overflowed(w, axes, sumsq)
+    )
+
+
+_BRANCH_ON_OVERFLOW = contextvars.ContextVar("branch_on_overflow", default=False)
+
+
+@contextlib.contextmanager
+def branch_on_overflow(enabled: bool = True) -> Iterator[None]:
+    """While tracing, lets `unit_norms` skip its second sum unless a unit overflowed.
+
+    By default `unit_norms` always sums a rescaled copy a second time
+    (branch-free): one more read of `w`, but XLA can still write `w` into a
+    donated buffer and rescale it in place. In this context, on CPU, the
+    second sum runs under a `lax.cond` only when some unit's sum overflowed.
+    That is faster where `w` is a temporary anyway, as `p + u` is in
+    `Constraint.project_update`, which enters this context; elsewhere the
+    `cond` would make XLA copy `w` (see docs/performance.md). The norms are
+    the same either way.
+
+    >>> import jax.numpy as jnp
+    >>> with branch_on_overflow():
+    ...     unit_norms(jnp.array([[3e30, 3.0], [4e30, 4.0]]))
+    Array([[5.e+30, 5.e+00]], dtype=float32)
+    """
+    token = _BRANCH_ON_OVERFLOW.set(enabled)
+    try:
+        yield
+    finally:
+        _BRANCH_ON_OVERFLOW.reset(token)
+
+
+def _rescaled_where_overflowed(w, axes, sumsq):
     # Units whose sum overflows are summed again on w * 2**-k: scaling by a
     # power of two is exact, so their norm is the rescaled one times 2**k.
-    # The second sum is branch-free (a `lax.cond` would stop XLA from writing
-    # `w` into a donated buffer in place) and costs one more read of `w`. Its
-    # scale is computed from `sumsq` (and is always exactly 2**-k) rather than
-    # a literal: XLA merges literal broadcasts of one shape across leaves,
-    # writes the shared array to memory and reads it on every pass, while a
-    # computed scale fuses into the reduction. See docs/performance.md.
+    # The scale is computed from `sumsq` (and is always exactly 2**-k) rather
+    # than a literal: XLA merges literal broadcasts of one shape across
+    # leaves, writes the shared array to memory and reads it on every pass,
+    # while a computed scale fuses into the reduction. See docs/performance.md.
     k = _overflow_exponent(w.dtype)
     opaque_zero = (sumsq.ravel()[0] > 0).astype(w.dtype) * 0
     scaled = w * (jnp.asarray(2.0**-k, w.dtype) + opaque_zero)
     sumsq_scaled = jnp.sum(scaled * scaled, axis=axes, keepdims=True)
     return jnp.where(
-        overflow, _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, w.dtype), _safe_sqrt(sumsq)
+        jnp.isinf(sumsq),
+        _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, w.dtype),
+        _safe_sqrt(sumsq),
     )
 
 
