@@ -15,6 +15,7 @@ import optax
 
 from benchmarks import _workload as W
 from optax_constraints import _transform
+from optax_constraints import projections as P
 
 _K = 64  # 2**-64 brings float32 squares up to 1e30**2 back into range
 
@@ -48,7 +49,17 @@ def norms_cond(w, axes):
     return jax.lax.cond(jnp.any(jnp.isinf(sumsq)), rescaled, lambda: jnp.sqrt(sumsq))
 
 
-NORMS = {"keras": norms_keras, "literal": norms_literal_scale, "cond": norms_cond}
+def norms_computed_scale(w, axes):
+    """The library's branch-free form (`unit_norms` outside `branch_on_overflow`)."""
+    return P.unit_norms(w, axes)
+
+
+NORMS = {
+    "keras": norms_keras,
+    "literal": norms_literal_scale,
+    "computed": norms_computed_scale,
+    "cond": norms_cond,
+}
 
 
 def _max_norm(w, label, norms):

@@ -27,6 +27,7 @@ import pytest
 
 import optax_constraints as oc
 from optax_constraints import _transform
+from optax_constraints.constraints import _base
 
 MB = 2**20
 RULES = {"dense*/kernel": "dense", "conv*/kernel": "conv", "**/bias": "bias"}
@@ -193,3 +194,24 @@ def test_ordered_update_equals_each_constraints_own_project_update():
                 p, updates[name][leaf]
             )
             np.testing.assert_array_equal(_bits(want)[0], _bits(got[name][leaf])[0])
+
+
+@pytest.mark.parametrize("constraint", [oc.MaxNorm(2.0), oc.UnitNorm(), oc.MinMaxNorm(0.5, 1.0)])
+def test_branching_norms_of_large_leaves_match_branch_free_ones(monkeypatch, constraint):
+    # Large leaves (`BRANCH_SIZE`) re-sum overflowed units under a lax.cond in
+    # update space; small ones and direct calls always sum twice. Same bits.
+    keys = jax.random.split(jax.random.key(1), 2)
+    p = jax.random.normal(keys[0], (256, 320))
+    u = jax.random.normal(keys[1], (256, 320)) * 0.1
+    u = u.at[:, 3].set(1e30).at[5, 7].set(-3e29)  # two units whose squares overflow
+
+    def new_params():
+        return p + jax.jit(lambda p, u: constraint.project_update(p, u, None, 0)[0])(p, u)
+
+    branching = new_params()
+    monkeypatch.setattr(_base, "BRANCH_SIZE", 2**62)
+    branch_free = new_params()
+    np.testing.assert_array_equal(_bits(branching)[0], _bits(branch_free)[0])
+    assert bool(jnp.all(jnp.isfinite(branching)))
+    norms = np.linalg.norm(np.asarray(branching, np.float64), axis=0)
+    assert norms[3] == pytest.approx(2.0 if isinstance(constraint, oc.MaxNorm) else 1.0, rel=1e-5)

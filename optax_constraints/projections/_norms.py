@@ -138,7 +138,9 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
 
     Same float32 bits as Keras's `ops.sqrt(ops.sum(ops.square(w), ...))`;
     a unit whose sum of squares overflows is measured on a rescaled copy, so
-    the norm stays finite for finite inputs.
+    the norm stays finite for finite inputs. That second sum is branch-free
+    by default and runs only when needed inside `branch_on_overflow` (same
+    result; docs/performance.md says which is faster where).
 
     Args:
       w: the array.
