@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,34 +30,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from flax.core import FrozenDict
-from hypothesis import HealthCheck, event, given, settings
+from helpers import examples
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import optax_constraints as oc
-
-settings.register_profile(
-    "ci",
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-settings.register_profile(
-    "dev",
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-_PROFILE = _PROFILE if _PROFILE in ("ci", "dev") else "ci"
-
-
-def examples(n: int) -> settings:
-    return settings(
-        settings.get_profile(_PROFILE), max_examples=n * (10 if _PROFILE == "dev" else 1)
-    )
-
 
 OFFSETS = {"a": 1.0, "b": 2.0}
 CONSTRAINTS = {"a": lambda w: w + 1, "b": lambda w: w + 2}

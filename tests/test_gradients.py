@@ -11,8 +11,6 @@ gives finite gradients too, and they match finite differences.
 
 from __future__ import annotations
 
-import inspect
-
 # KERAS_BACKEND=jax is set by tests/conftest.py before Keras is imported.
 import jax
 import jax.numpy as jnp
@@ -20,23 +18,11 @@ import keras
 import numpy as np
 import optax
 import pytest
+from helpers import exported_constraint_classes
 
 import optax_constraints as oc
 
 EPS = 1e-7  # Keras's backend.epsilon()
-
-
-def exported_constraint_classes() -> list[type]:
-    found = {}
-    for name in dir(oc):
-        obj = getattr(oc, name)
-        if (
-            inspect.isclass(obj)
-            and issubclass(obj, oc.Constraint)
-            and obj not in (oc.Constraint, oc.FunctionConstraint)
-        ):
-            found[obj.__name__] = obj
-    return [found[k] for k in sorted(found)]
 
 
 # Instances with non-trivial hyper-parameters; a class not listed is tested

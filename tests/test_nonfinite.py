@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import exported_constraint_classes
 
 import optax_constraints as oc
 
@@ -29,19 +30,6 @@ BAD_VALUES = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 # How far each class couples entries: "element", "axis" (the unit over its
 # `axis`) or "leaf". A class not listed that has an `axis` is "axis", else "leaf".
 COUPLING = {"NonNeg": "element", "Clip": "element"}
-
-
-def exported_constraint_classes() -> list[type]:
-    found = {}
-    for name in dir(oc):
-        obj = getattr(oc, name)
-        if (
-            inspect.isclass(obj)
-            and issubclass(obj, oc.Constraint)
-            and obj not in (oc.Constraint, oc.FunctionConstraint)
-        ):
-            found[obj.__name__] = obj
-    return [found[k] for k in sorted(found)]
 
 
 EXAMPLES = {

@@ -33,42 +33,20 @@ import dataclasses
 import functools
 import inspect
 import math
-import os
 
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, seed, settings
+
+# --- hypothesis profiles -----------------------------------------------------
+from helpers import PROFILE as _PROFILE
+from helpers import examples, exported_constraint_classes
+from hypothesis import assume, given, seed
 from hypothesis import strategies as st
 
 import optax_constraints as oc
-
-# --- hypothesis profiles -----------------------------------------------------
-
-settings.register_profile(
-    "ci",
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-settings.register_profile(
-    "dev",
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-_PROFILE = _PROFILE if _PROFILE in ("ci", "dev") else "ci"
-_SCALE = 10 if _PROFILE == "dev" else 1
-
-
-def examples(n: int) -> settings:
-    """The selected profile with `n` examples (x10 under the dev profile)."""
-    return settings(settings.get_profile(_PROFILE), max_examples=n * _SCALE)
 
 
 def shared_draws(test):
@@ -78,20 +56,6 @@ def shared_draws(test):
 
 
 # --- the classes under test --------------------------------------------------
-
-
-def exported_constraint_classes() -> list[type]:
-    """Every `oc.Constraint` subclass exported at top level (aliases counted once)."""
-    found = {}
-    for name in dir(oc):
-        obj = getattr(oc, name)
-        if (
-            inspect.isclass(obj)
-            and issubclass(obj, oc.Constraint)
-            and obj not in (oc.Constraint, oc.FunctionConstraint)
-        ):
-            found[obj.__name__] = obj
-    return [found[k] for k in sorted(found)]
 
 
 CLASSES = exported_constraint_classes()

@@ -1,0 +1,46 @@
+"""Helpers shared by several test modules: Hypothesis profiles, the classes under test."""
+
+import inspect
+import os
+
+from hypothesis import HealthCheck, settings
+
+import optax_constraints as oc
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+settings.register_profile(
+    "dev",
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+PROFILE = PROFILE if PROFILE in ("ci", "dev") else "ci"
+SCALE = 10 if PROFILE == "dev" else 1
+"""Example-count multiplier: `HYPOTHESIS_PROFILE=dev` runs 10x the CI examples."""
+
+
+def examples(n: int) -> settings:
+    """The selected profile with `n` examples (x10 under the dev profile)."""
+    return settings(settings.get_profile(PROFILE), max_examples=n * SCALE)
+
+
+def exported_constraint_classes() -> list[type]:
+    """Every `oc.Constraint` subclass exported at top level (aliases counted once)."""
+    found = {}
+    for name in dir(oc):
+        obj = getattr(oc, name)
+        if (
+            inspect.isclass(obj)
+            and issubclass(obj, oc.Constraint)
+            and obj not in (oc.Constraint, oc.FunctionConstraint)
+        ):
+            found[obj.__name__] = obj
+    return [found[k] for k in sorted(found)]
