@@ -31,6 +31,15 @@ class ProjectState(NamedTuple):
       count: number of `update` calls so far (int32); schedules read it.
       constraint_states: per-leaf state of stateful constraints, keyed by the
         leaf's "/"-joined path (empty when every constraint is stateless).
+
+    >>> import jax.numpy as jnp
+    >>> import optax_constraints as oc
+    >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+    >>> state = oc.project(oc.SpectralNorm(1.0)).init(params)
+    >>> int(state.count), list(state.constraint_states)
+    (0, ['dense/kernel'])
+    >>> oc.project(oc.MaxNorm(1.0)).init(params).constraint_states
+    {}
     """
 
     count: jax.Array

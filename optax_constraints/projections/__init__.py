@@ -22,7 +22,6 @@ from optax_constraints.projections._norms import EPSILON as EPSILON
 from optax_constraints.projections._norms import center_around as center_around
 from optax_constraints.projections._norms import clip as clip
 from optax_constraints.projections._norms import compute_dtype as compute_dtype
-from optax_constraints.projections._norms import in_compute_dtype as in_compute_dtype
 from optax_constraints.projections._norms import max_norm as max_norm
 from optax_constraints.projections._norms import min_max_norm as min_max_norm
 from optax_constraints.projections._norms import non_neg as non_neg

@@ -62,23 +62,6 @@ def _short(x, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def in_compute_dtype(fn: Callable) -> Callable:
-    """Runs `fn(w, ...)` in `compute_dtype(w.dtype)` and casts the result back.
-
-    Integer inputs are promoted to the default float dtype and stay there,
-    as in Keras.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(w, *args, **kwargs):
-        w = as_array(w)
-        dtype = w.dtype
-        out = fn(w.astype(compute_dtype(dtype)), *args, **kwargs)
-        return out.astype(dtype) if dtype in _LOW_PRECISION else out
-
-    return wrapper
-
-
 def _is_array(value) -> bool:
     return hasattr(value, "dtype") and hasattr(value, "shape")
 
@@ -96,6 +79,16 @@ def projection(fn: Callable) -> Callable:
     retrace. An eager call therefore rounds exactly like a jitted one, and
     inside an outer `jax.jit` the inner program is simply inlined.
     bfloat16/float16 inputs are computed in float32 and cast back.
+
+    Use it for your own projection functions:
+
+    >>> import jax.numpy as jnp
+    >>> from optax_constraints.projections import projection
+    >>> @projection
+    ... def shrink(w, factor=0.5):
+    ...     return w * factor
+    >>> shrink(jnp.array([2.0, 4.0], jnp.bfloat16), factor=0.25)
+    Array([0.5, 1], dtype=bfloat16)
     """
     signature = inspect.signature(fn)
     first = next(iter(signature.parameters))
