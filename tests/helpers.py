@@ -44,3 +44,13 @@ def exported_constraint_classes() -> list[type]:
         ):
             found[obj.__name__] = obj
     return [found[k] for k in sorted(found)]
+
+
+def reference_axes(axis, ndim: int) -> tuple[int, ...]:
+    """Axis spec -> sorted non-negative axes, written here, independent of the package."""
+    if axis is None:
+        return tuple(range(ndim))
+    if axis == "fan_in":
+        return tuple(range(ndim - 1))
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axis))

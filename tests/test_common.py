@@ -41,24 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import reference_axes
 
 import optax_constraints as oc
 
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2.0**-7}
 
 
-def _axes(axis, ndim):
-    """Axis spec -> tuple of non-negative axes (written here, independent of the package)."""
-    if axis is None:
-        return tuple(range(ndim))
-    if axis == "fan_in":
-        return tuple(range(ndim - 1))
-    axis = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(sorted(a % ndim for a in axis))
-
-
 def _norms(w, axis):
-    return np.sqrt(np.sum(w * w, axis=_axes(axis, w.ndim)))
+    return np.sqrt(np.sum(w * w, axis=reference_axes(axis, w.ndim)))
 
 
 def _matrix(w):
@@ -95,12 +86,14 @@ def mean_gap(ref):
 
 
 def l1_excess(m, axis):
-    return lambda w: np.max(np.maximum(np.sum(np.abs(w), axis=_axes(axis, w.ndim)) - m, 0)) / m
+    return lambda w: (
+        np.max(np.maximum(np.sum(np.abs(w), axis=reference_axes(axis, w.ndim)) - m, 0)) / m
+    )
 
 
 def simplex_gap(s, axis):
     def residual(w):
-        sums = np.sum(w, axis=_axes(axis, w.ndim))
+        sums = np.sum(w, axis=reference_axes(axis, w.ndim))
         return max(negative_part(w), np.max(np.abs(sums - s))) / s
 
     return residual

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import reference_axes
 
 import optax_constraints as oc
 from optax_constraints import projections as P
@@ -34,18 +35,9 @@ COS_TOL = 1e-4
 RNG = np.random.default_rng
 
 
-def _axes(axis, ndim):
-    if axis is None:
-        return tuple(range(ndim))
-    if axis == "fan_in":
-        return tuple(range(ndim - 1))
-    axis = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(sorted(a % ndim for a in axis))
-
-
 def per_unit(w, axis, fn):
     """Applies `fn` to each unit (the slice over `axis`) of a numpy array."""
-    axes = _axes(axis, w.ndim)
+    axes = reference_axes(axis, w.ndim)
     rest = [a for a in range(w.ndim) if a not in axes]
     moved = np.transpose(w, rest + list(axes))
     flat = moved.reshape(int(np.prod(moved.shape[: len(rest)])), -1)
