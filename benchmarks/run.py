@@ -44,6 +44,7 @@ import optax  # noqa: E402
 
 import optax_constraints as oc  # noqa: E402
 from benchmarks import _timing as T  # noqa: E402
+from benchmarks import _traffic as TR  # noqa: E402
 from benchmarks import _variants as V  # noqa: E402
 from benchmarks import _workload as W  # noqa: E402
 
@@ -62,7 +63,8 @@ def _optax_run(step, tx, params, grads, compile_in=None):
     return compiled, (p, s, grads)
 
 
-def _memory(compiled) -> dict[str, float]:
+def _memory(compiled, param_bytes: int) -> dict[str, float]:
+    """`memory_analysis` figures, and the traffic in passes over the parameters."""
     m = compiled.memory_analysis()
     peak = (
         m.argument_size_in_bytes
@@ -76,6 +78,7 @@ def _memory(compiled) -> dict[str, float]:
         "output_mb": m.output_size_in_bytes / MB,
         "alias_mb": m.alias_size_in_bytes / MB,
         "peak_mb": peak / MB,
+        "passes": TR.bytes_moved(compiled) / param_bytes,
     }
 
 
@@ -87,23 +90,28 @@ def step_section(quick: bool, formulations: bool) -> dict:
     params = W.reference_params(dense, conv)
     grads = W.gradients(params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
 
     runs, memory = {}, {}
     for name, (step, tx) in {**W.optax_steps(), **W.nonneg_steps()}.items():
         compiled, args = _optax_run(step, tx, params, grads)
-        runs[name], memory[name] = (compiled, args), _memory(compiled)
+        runs[name], memory[name] = (compiled, args), _memory(compiled, param_bytes)
     if formulations:
         compiled, args = _optax_run(*W.optax_steps()["project"], params, grads, V.unordered)
-        runs["project_unordered"], memory["project_unordered"] = (compiled, args), _memory(compiled)
+        runs["project_unordered"], memory["project_unordered"] = (
+            (compiled, args),
+            _memory(compiled, param_bytes),
+        )
         for label, norms in V.NORMS.items():
             for kind, make in (("hand", V.hand_step), ("update", V.update_step)):
                 compiled, args = _optax_run(*make(norms), params, grads)
                 name = f"{kind}_norms_{label}"
-                runs[name], memory[name] = (compiled, args), _memory(compiled)
+                runs[name], memory[name] = (compiled, args), _memory(compiled, param_bytes)
     flat_grads = jax.tree.leaves(grads)
     for name, (step, trainable, opt_vars) in W.keras_steps(params).items():
         compiled = W.jit_step(step).lower(trainable, opt_vars, flat_grads).compile()
-        runs[name], memory[name] = (compiled, (trainable, opt_vars, flat_grads)), _memory(compiled)
+        runs[name] = (compiled, (trainable, opt_vars, flat_grads))
+        memory[name] = _memory(compiled, param_bytes)
 
     reps = 6 if quick else 40
     times = T.interleaved(runs, reps)
@@ -129,7 +137,9 @@ def step_section(quick: bool, formulations: bool) -> dict:
         "keras_constrained/keras_plain": ("keras_constrained", "keras_plain"),
         "keras_plain/plain": ("keras_plain", "plain"),
     }
-    pairs.update({f"{n}/plain": (n, "plain") for n in runs if n not in dict(pairs.values())})
+    pairs.update(
+        {f"{n}/plain": (n, "plain") for n in runs if n != "plain" and f"{n}/plain" not in pairs}
+    )
     for key, (a, b) in pairs.items():
         out["ratios"][key] = {c: ratio(a, b, c) for c in ("cpu", "wall")}
     return out
@@ -298,9 +308,19 @@ def report(results: dict) -> list[str]:
     for key, val in r.items():
         if key.endswith("/plain") and key != "project/plain":
             lines.append(f"  {key:48s} {_fmt(val['cpu']):>20s}   wall {_fmt(val['wall'])}")
-    lines += ["", "memory_analysis (MB): temp / peak"]
+    lines += [
+        "",
+        "per variant: step time / plain Adam (CPU time); memory traffic in passes over the",
+        "parameters (_traffic.py: bytes read + written by the compiled kernels / param bytes);",
+        "memory_analysis temp and peak (MB)",
+    ]
     for name, m in mem.items():
-        lines.append(f"  {name:30s} temp {m['temp_mb']:8.2f}   peak {m['peak_mb']:8.1f}")
+        key = f"{name}/plain"
+        ratio = _fmt(r[key]["cpu"]) if key in r else ("1" if name == "plain" else "-")
+        lines.append(
+            f"  {name:30s} {ratio:>20s}   passes {m['passes']:6.2f}"
+            f"   temp {m['temp_mb']:8.2f}   peak {m['peak_mb']:8.1f}"
+        )
     mat = results["matrix"]
     if not mat.get("skipped"):
         lines += ["", f"matrix constraints, {mat['kernels']} kernels, Adam step / plain Adam:"]
