@@ -167,3 +167,16 @@ def bytes_moved(compiled) -> int:
     """Bytes read and written by the kernels of a compiled program (see module doc)."""
     computations, entry = _parse(compiled.as_text())
     return _traffic(computations, entry)
+
+
+def kernel_count(compiled) -> int:
+    """Kernels the compiled program launches per step (fusions, library calls, copies...).
+
+    XLA:CPU compiles each one separately, so compile time grows with it.
+
+    >>> import jax, jax.numpy as jnp
+    >>> kernel_count(jax.jit(lambda x: x * 2 + 1).lower(jnp.ones(1000)).compile())  # one fusion
+    1
+    """
+    computations, entry = _parse(compiled.as_text())
+    return sum(i["opcode"] not in _FREE for i in computations[entry])

@@ -154,25 +154,31 @@ def compile_section(quick: bool) -> dict:
     for n in sizes:
         params = W.many_leaves_params(n)
         out[n] = {}
-        for name in ("plain", "project", "hand_oc"):
-            # A learning rate unique to this measurement: no cache can answer.
+        # A learning rate unique to each measurement: no cache can answer.
+        for name in ("plain", "project", "hand_oc", "hand_keras"):
             lr = W.LEARNING_RATE * (1 + 1e-3 * len(out[n]) + 1e-6 * n)
             step, tx = W.optax_steps(lr)[name]
-            state = tx.init(params)
-            jitted = W.jit_step(step)
-            w0, c0 = time.perf_counter(), time.process_time()
-            lowered = jitted.lower(params, state, params)
-            w1, c1 = time.perf_counter(), time.process_time()
-            lowered.compile()
-            w2, c2 = time.perf_counter(), time.process_time()
-            out[n][name] = {
-                "trace_s": w1 - w0,
-                "compile_s": w2 - w1,
-                "total_s": w2 - w0,
-                "trace_cpu_s": c1 - c0,
-                "total_cpu_s": c2 - c0,
-            }
+            out[n][name] = _compile_time(W.jit_step(step), params, tx.init(params), params)
+        flat = jax.tree.leaves(params)
+        for name, (step, trainable, opt_vars) in W.keras_steps(params).items():
+            out[n][name] = _compile_time(W.jit_step(step), trainable, opt_vars, flat)
     return out
+
+
+def _compile_time(jitted, *args) -> dict:
+    w0, c0 = time.perf_counter(), time.process_time()
+    lowered = jitted.lower(*args)
+    w1, c1 = time.perf_counter(), time.process_time()
+    compiled = lowered.compile()
+    w2, c2 = time.perf_counter(), time.process_time()
+    return {
+        "trace_s": w1 - w0,
+        "compile_s": w2 - w1,
+        "total_s": w2 - w0,
+        "trace_cpu_s": c1 - c0,
+        "total_cpu_s": c2 - c0,
+        "kernels": TR.kernel_count(compiled),
+    }
 
 
 # -- matrix constraints ------------------------------------------------------
@@ -304,6 +310,10 @@ def report(results: dict) -> list[str]:
             f"{f'trace+compile, {n} leaves: project / plain':52s} {'<= 1.2':>8s}  {ratio_cpu:>20.3f}"
             f"  {ratio:>20.3f}  ({per_leaf:.1f} ms/leaf)"
         )
+    lines += ["", "trace+compile (s, wall) and kernels per step, by number of leaves:"]
+    for n, by in comp.items():
+        cells = "  ".join(f"{k} {v['total_s']:.2f}/{v['kernels']}" for k, v in by.items())
+        lines.append(f"  {n:>5}: {cells}")
     lines += ["", "other rows (ratio to plain Adam, CPU time):"]
     for key, val in r.items():
         if key.endswith("/plain") and key != "project/plain":
@@ -352,7 +362,7 @@ def plot(results: dict, path: Path) -> None:
     ax = axes[1, 0]
     comp = results["compile"]
     sizes = [int(n) for n in comp]
-    for name in ("plain", "project", "hand_oc"):
+    for name in comp[next(iter(comp))]:
         ax.plot(sizes, [comp[n][name]["total_s"] for n in comp], "o-", label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")

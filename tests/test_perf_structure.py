@@ -10,6 +10,9 @@ four Conv kernels 3x3x256x256, biases; Adam; params and state donated):
   run in groups, `_InGroups`);
 * the hand-written step with our constraints updates the donated buffers in
   place (overflow-safe `unit_norms` without a branch or a shared broadcast);
+* the step moves no more memory than the hand-written step with the same
+  constraints, and at most four passes over the parameters more than plain
+  Adam (`benchmarks/_traffic.py` counts the bytes its kernels read and write);
 * NonNeg on every leaf costs what `optax.keep_params_nonnegative` costs;
 * ordering changes no bit of the result.
 
@@ -26,6 +29,7 @@ import optax
 import pytest
 
 import optax_constraints as oc
+from benchmarks import _traffic
 from optax_constraints import _transform
 from optax_constraints.constraints import _base
 
@@ -67,6 +71,7 @@ def compiled_step(tx, params, *, then=None):
 
 
 def memory(compiled) -> dict[str, int]:
+    """Temporaries, peak memory and bytes moved per step (deterministic)."""
     m = compiled.memory_analysis()
     peak = (
         m.argument_size_in_bytes
@@ -74,7 +79,7 @@ def memory(compiled) -> dict[str, int]:
         - m.alias_size_in_bytes
         + m.temp_size_in_bytes
     )
-    return {"temp": m.temp_size_in_bytes, "peak": peak}
+    return {"temp": m.temp_size_in_bytes, "peak": peak, "moved": _traffic.bytes_moved(compiled)}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +118,29 @@ def test_project_temporaries_are_one_group_not_every_kernel(reference):
     assert reference["project"]["temp"] < all_kernels / 4
 
 
+def passes(reference, name) -> float:
+    """Bytes the step moves, in passes over the (float32) parameters."""
+    param_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(reference["params"]))
+    return reference[name]["moved"] / param_bytes
+
+
+def test_plain_adam_step_is_ten_passes(reference):
+    # The traffic counter's own check: m, v and p each read and written, g
+    # read by the m and v kernels, m and v read again by the p kernel.
+    assert passes(reference, "plain") == pytest.approx(10.0, abs=0.01)
+
+
+def test_project_moves_no_more_memory_than_the_hand_written_step(reference):
+    assert passes(reference, "project") <= passes(reference, "hand") + 0.01
+
+
+def test_project_adds_at_most_four_passes_to_plain_adam(reference):
+    # The norms read q = p + u once; the last kernel reads q and p again and
+    # writes p' (update space needs p there, the hand-written step does not):
+    # docs/performance.md.
+    assert passes(reference, "project") <= passes(reference, "plain") + 4.01
+
+
 def test_hand_written_step_with_our_constraints_runs_in_place(reference):
     # apply_updates, then tree_map(constraint): XLA writes p + u into the
     # donated buffer and rescales it there; the overflow-safe norms must not
@@ -128,6 +156,7 @@ def test_nonneg_everywhere_costs_what_keep_params_nonnegative_costs():
     optax_own = memory(compiled_step(optax.chain(adam, optax.keep_params_nonnegative()), params))
     assert ours["temp"] <= optax_own["temp"] + 64 * 1024
     assert ours["peak"] <= optax_own["peak"] + 64 * 1024
+    assert ours["moved"] <= optax_own["moved"] + 64 * 1024
 
 
 # -- ordering is exact -----------------------------------------
