@@ -124,10 +124,11 @@ def passes(reference, name) -> float:
     return reference[name]["moved"] / param_bytes
 
 
-def test_plain_adam_step_is_ten_passes(reference):
-    # The traffic counter's own check: m, v and p each read and written, g
-    # read by the m and v kernels, m and v read again by the p kernel.
-    assert passes(reference, "plain") == pytest.approx(10.0, abs=0.01)
+def test_traffic_counter_on_plain_adam(reference):
+    # The counter's own check. At least m, v, g, p read and m, v, p written
+    # (7 passes); XLA:CPU today: 10 (g read by the m and v kernels, m and v
+    # read again by the p kernel), the figure docs/performance.md explains.
+    assert 7 - 0.01 <= passes(reference, "plain") <= 10 + 0.01
 
 
 def test_project_moves_no_more_memory_than_the_hand_written_step(reference):
