@@ -347,7 +347,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(19, 9))
     ratios = results["step"]["ratios"]
     keys = [k for k in ratios if k.endswith("/plain")]
     for ax, clock in ((axes[0, 0], "cpu"), (axes[0, 1], "wall")):
@@ -359,19 +359,33 @@ def plot(results: dict, path: Path) -> None:
         ax.axvline(1.1, color="tab:red", lw=0.8, ls="--")
         ax.set_yticks(range(len(keys)), [k.replace("/plain", "") for k in keys], fontsize=7)
         ax.set_title(f"step time / plain Adam ({clock} time, median, min-max)")
-    ax = axes[1, 0]
+    ax = axes[0, 2]
+    mem = results["step"]["memory"]
+    for name, m in mem.items():
+        key = f"{name}/plain"
+        if key in ratios and m["temp_mb"] < 20:  # the page-faulting variants are off the line
+            ax.plot(m["passes"], ratios[key]["cpu"]["median"], "o", color="tab:blue")
+            ax.annotate(name, (m["passes"], ratios[key]["cpu"]["median"]), fontsize=6)
+    ax.plot([10, 16], [1.0, 1.6], color="k", lw=0.8, ls=":", label="time proportional to passes")
+    ax.set_xlabel("memory traffic (passes over the parameters, _traffic.py)")
+    ax.set_ylabel("step time / plain Adam (CPU time)")
+    ax.set_title("step time follows memory traffic (temp < 20 MB)")
+    ax.legend(fontsize=7)
     comp = results["compile"]
     sizes = [int(n) for n in comp]
-    for name in comp[next(iter(comp))]:
-        ax.plot(sizes, [comp[n][name]["total_s"] for n in comp], "o-", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("leaves")
-    ax.set_ylabel("trace + compile (s, wall)")
-    ax.legend()
-    ax.set_title("compile time")
-    ax = axes[1, 1]
-    mem = results["step"]["memory"]
+    for ax, field, label in (
+        (axes[1, 0], "total_s", "trace + compile (s, wall)"),
+        (axes[1, 1], "kernels", "kernels in the compiled step"),
+    ):
+        for name in comp[next(iter(comp))]:
+            ax.plot(sizes, [comp[n][name][field] for n in comp], "o-", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("leaves")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        ax.set_title(label)
+    ax = axes[1, 2]
     names = list(mem)
     ax.barh(range(len(names)), [mem[n]["temp_mb"] for n in names], color="tab:orange")
     ax.set_yticks(range(len(names)), names, fontsize=7)
