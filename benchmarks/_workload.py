@@ -86,8 +86,17 @@ def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callabl
         u, s = adam.update(g, s, p)
         return optax.apply_updates(p, u), s
 
+    projected_every4 = optax.chain(
+        adam,
+        oc.project(CONSTRAINTS, oc.label_by_path(RULES, allow_unmatched=True), every_k_steps=4),
+    )
+
     def ours(p, s, g):
         u, s = projected.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def ours_every4(p, s, g):
+        u, s = projected_every4.update(g, s, p)
         return optax.apply_updates(p, u), s
 
     def hand_oc(p, s, g):
@@ -118,6 +127,7 @@ def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callabl
     return {
         "plain": (plain, adam),
         "project": (ours, projected),
+        "project_every4": (ours_every4, projected_every4),
         "hand_oc": (hand_oc, adam),
         "hand_keras": (hand_keras, adam),
         "naive": (naive, adam),

@@ -181,6 +181,48 @@ def _compile_time(jitted, *args) -> dict:
     }
 
 
+# -- every_k_steps -----------------------------------------------------------
+
+
+def every_k_section(quick: bool) -> dict:
+    """`project(..., every_k_steps=k)`: mean step time over rounds / plain Adam's.
+
+    Only 1 in k steps projects, so the mean over many rounds (a multiple of
+    k) is the figure that matters; the median is a step that does not project
+    and the maximum one that does.
+    """
+    dense, conv = ((8, 1536), (4, 256)) if not quick else ((4, 768), (2, 128))
+    params = W.reference_params(dense, conv)
+    grads = W.gradients(params)
+    adam = optax.adam(W.LEARNING_RATE)
+    labels = oc.label_by_path(W.RULES, allow_unmatched=True)
+    txs = {"plain": adam, "project": optax.chain(adam, oc.project(W.CONSTRAINTS, labels))}
+    for k in (4, 16):
+        txs[f"every_{k}"] = optax.chain(adam, oc.project(W.CONSTRAINTS, labels, every_k_steps=k))
+    runs = {}
+    for name, tx in txs.items():
+
+        def step(p, s, g, tx=tx):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        runs[name] = _optax_run(step, tx, params, grads)
+    reps = 16 if quick else 48
+    times = T.interleaved(runs, reps, warmup=0)
+    plain = times["plain"]["cpu"]
+    return {
+        "reps": reps,
+        "ratios": {
+            name: {
+                "mean": float(t["cpu"].mean() / plain.mean()),
+                **T.ratio_stats(t["cpu"], plain),
+            }
+            for name, t in times.items()
+            if name != "plain"
+        },
+    }
+
+
 # -- matrix constraints ------------------------------------------------------
 
 
@@ -271,7 +313,10 @@ def _fmt(stats: dict) -> str:
     return f"{stats['median']:.3f} [{stats['min']:.2f}-{stats['max']:.2f}]"
 
 
-def report(results: dict) -> list[str]:
+def report(results: dict, only: bool = False) -> list[str]:
+    if only:  # one section run alone
+        header = f"optax_constraints benchmark - {results['machine']} - {results['date']}"
+        return [header, *_section_lines(results)]
     step, mem = results["step"], results["step"]["memory"]
     r = step["ratios"]
     lines = [
@@ -331,7 +376,20 @@ def report(results: dict) -> list[str]:
             f"  {name:30s} {ratio:>20s}   passes {m['passes']:6.2f}"
             f"   temp {m['temp_mb']:8.2f}   peak {m['peak_mb']:8.1f}"
         )
-    mat = results["matrix"]
+    return lines + _section_lines(results)
+
+
+def _section_lines(results: dict) -> list[str]:
+    lines: list[str] = []
+    every = results.get("every_k")
+    if every:
+        lines += ["", f"every_k_steps, {every['reps']} rounds, step / plain Adam (CPU time):"]
+        for name, st in every["ratios"].items():
+            lines.append(
+                f"  {name:26s} mean {st['mean']:.3f}   median {st['median']:.3f}"
+                f"   min-max {st['min']:.2f}-{st['max']:.2f}"
+            )
+    mat = results.get("matrix", {"skipped": True})
     if not mat.get("skipped"):
         lines += ["", f"matrix constraints, {mat['kernels']} kernels, Adam step / plain Adam:"]
         for key, val in mat["ratios"].items():
@@ -401,6 +459,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer rounds, sizes")
     parser.add_argument("--formulations", action="store_true", help="also in --quick mode")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--only", choices=("every_k",), help="run one section alone (written to <file>-<name>)"
+    )
     args = parser.parse_args(argv)
     import keras
 
@@ -421,17 +482,26 @@ def main(argv=None) -> dict:
             "keras": keras.__version__,
         },
     }
+    stem = f"{machine}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only == "every_k":
+        results["every_k"] = every_k_section(args.quick)
+        results["seconds"] = time.perf_counter() - started
+        print("\n".join(report(results, only=True)))
+        (args.out / f"{stem}-every_k.json").write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {args.out / stem}-every_k.json ({results['seconds']:.0f} s)")
+        return results
     print("step (and formulations) ...", flush=True)
     results["step"] = step_section(args.quick, args.formulations or not args.quick)
     print("compile ...", flush=True)
     results["compile"] = compile_section(args.quick)
+    print("every_k_steps ...", flush=True)
+    results["every_k"] = every_k_section(args.quick)
     print("matrix ...", flush=True)
     results["matrix"] = matrix_section(args.quick)
     results["seconds"] = time.perf_counter() - started
     lines = report(results)
     print("\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{machine}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / f"{stem}.png")
     print(f"\nwrote {args.out / stem}.json and .png ({results['seconds']:.0f} s)")

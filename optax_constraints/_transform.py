@@ -125,16 +125,10 @@ def project(
                 f" {len(flat_params)}; pass the same structure for both."
             )
 
-        def projected(operands):
-            flat_u, states = operands
-            return _project_leaves(routes, flat_params, list(flat_u), dict(states), state.count)
-
-        operands = (flat_updates, state.constraint_states)
-        if every_k_steps == 1:
-            flat_updates, states = projected(operands)
-        else:
-            due = (state.count + 1) % every_k_steps == 0
-            flat_updates, states = jax.lax.cond(due, projected, lambda ops: ops, operands)
+        due = None if every_k_steps == 1 else (state.count + 1) % every_k_steps == 0
+        flat_updates, states = _project_leaves(
+            routes, flat_params, flat_updates, dict(state.constraint_states), state.count, due
+        )
         new_count = optax.safe_int32_increment(state.count)
         return jax.tree.unflatten(treedef, flat_updates), ProjectState(new_count, states)
 
@@ -148,24 +142,76 @@ ORDERED_SIZE = 2**16
 """Leaves with fewer elements are left to XLA's schedule (see `_InGroups`)."""
 
 
-def _project_leaves(routes, flat_params, flat_u, states, count):
-    """Every routed leaf's projected update, in groups (see `_InGroups`)."""
+def _project_leaves(routes, flat_params, flat_u, states, count, due=None):
+    """Every routed leaf's projected update, in groups (see `_InGroups`).
+
+    With `due` (a traced bool, `every_k_steps`), updates pass through
+    unchanged unless `due`: large leaves each under their own `lax.cond`, in
+    the same ordered groups; small leaves under one `lax.cond` together; the
+    elementwise exact forms (NonNeg) as a select, fused like the rest. One
+    `cond` over the whole tree would make XLA materialise every leaf's update
+    at once, and the page faults of that buffer would cost more than the
+    projection saved (docs/performance.md).
+    """
+    flat_u = list(flat_u)
     order = _InGroups()
+    small = []
     for r in routes:
         i, key, c = r.leaf.index, r.leaf.path_str, r.constraint
-        if type(c).project_update is Constraint.project_update:
+        p, state = flat_params[i], states.get(key)
+        if type(c).project_update is not Constraint.project_update:
+            # An exact update-space form (NonNeg): elementwise, nothing to order.
+            new_u, new_state = c.project_update(p, flat_u[i], state, count)
+            if due is not None:
+                new_u, new_state = _where(due, (new_u, new_state), (flat_u[i], state))
+        elif due is not None and p.size < ORDERED_SIZE:
+            small.append(r)
+            continue
+        else:
             update = order.after_previous_group(flat_u[i])
-            flat_u[i], new_state, target = update_and_target(
-                c, flat_params[i], update, states.get(key), count
-            )
-            order.add(target)
-        else:  # an exact update-space form (NonNeg): elementwise, nothing to order
-            flat_u[i], new_state = c.project_update(
-                flat_params[i], flat_u[i], states.get(key), count
-            )
+
+            def projected(operands, c=c, p=p):
+                u, s = operands
+                new_u, s, target = update_and_target(c, p, u, s, count)
+                return new_u, s, target if due is None else new_u
+
+            if due is None:
+                new_u, new_state, anchor = projected((update, state))
+            else:
+                new_u, new_state, anchor = jax.lax.cond(
+                    due, projected, lambda ops: (*ops, ops[0]), (update, state)
+                )
+            order.add(anchor)
+        flat_u[i] = new_u
         if key in states:
             states[key] = new_state
+    if small:
+
+        def projected_small(operands):
+            updates, small_states = operands
+            out_u, out_s = [], []
+            for r, u, s in zip(small, updates, small_states, strict=True):
+                new_u, s, _ = update_and_target(
+                    r.constraint, flat_params[r.leaf.index], u, s, count
+                )
+                out_u.append(new_u)
+                out_s.append(s)
+            return out_u, out_s
+
+        operands = (
+            [flat_u[r.leaf.index] for r in small],
+            [states.get(r.leaf.path_str) for r in small],
+        )
+        out_u, out_s = jax.lax.cond(due, projected_small, lambda ops: ops, operands)
+        for r, new_u, new_state in zip(small, out_u, out_s, strict=True):
+            flat_u[r.leaf.index] = new_u
+            if r.leaf.path_str in states:
+                states[r.leaf.path_str] = new_state
     return flat_u, states
+
+
+def _where(due, if_due, otherwise):
+    return jax.tree.map(lambda a, b: jnp.where(due, a, b), if_due, otherwise)
 
 
 class _InGroups:

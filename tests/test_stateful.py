@@ -177,3 +177,50 @@ def test_every_k_steps_projects_only_on_multiples_of_k():
             assert sigma_max(new["u"]) <= 0.5 * (1 + 1e-3)
             assert sigma_max(params["u"]) > 0.5  # it was infeasible before
         params = new
+
+
+def test_every_k_steps_matches_projecting_every_step_on_due_steps_bit_for_bit():
+    # Large leaves (each under its own cond, ordered), small leaves (one cond
+    # together), NonNeg (a select) and a stateful constraint, all at once.
+    k = 2
+    keys = iter(jax.random.split(jax.random.key(4), 64))
+    params = {
+        "big": jax.random.normal(next(keys), (256, 320)),  # >= ORDERED_SIZE elements
+        "big2": jax.random.normal(next(keys), (320, 256)),
+        "small": jax.random.normal(next(keys), (16, 8)),
+        "spec": jax.random.normal(next(keys), (12, 6)),
+        "bias": jax.random.normal(next(keys), (320,)),
+    }
+    constraints = {
+        "big": oc.MaxNorm(1.5),
+        "big2": oc.UnitNorm(axis=1),
+        "small": oc.MinMaxNorm(0.5, 1.0),
+        "spec": oc.SpectralNorm(1.0),
+        "bias": oc.NonNeg(),
+    }
+    labels = {name: name for name in params}
+    every = oc.project(constraints, labels)
+    every_k = oc.project(constraints, labels, every_k_steps=k)
+    s_every, s_k = every.init(params), every_k.init(params)
+    for n in range(1, 2 * k + 1):
+        grads = {name: jax.random.normal(next(keys), x.shape) for name, x in params.items()}
+        if n % k:  # not due: the transform passes everything through
+            u_k, s_next = jax.jit(every_k.update)(grads, s_k, params)
+            for name in params:
+                np.testing.assert_array_equal(np.asarray(u_k[name]), np.asarray(grads[name]))
+            np.testing.assert_array_equal(
+                np.asarray(s_next.constraint_states["spec"]),
+                np.asarray(s_k.constraint_states["spec"]),
+            )
+            s_k = s_next
+            continue
+        # Due: the same bits as the every-step transform from the same state.
+        s_every = s_every._replace(constraint_states=s_k.constraint_states)
+        u_every, _ = jax.jit(every.update)(grads, s_every, params)
+        u_k, s_k = jax.jit(every_k.update)(grads, s_k, params)
+        for name in params:
+            np.testing.assert_array_equal(
+                np.asarray(u_k[name]).view(np.uint32), np.asarray(u_every[name]).view(np.uint32)
+            )
+        params = optax.apply_updates(params, u_k)
+        assert float(jnp.min(params["bias"])) >= 0.0
