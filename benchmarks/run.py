@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -223,6 +224,52 @@ def every_k_section(quick: bool) -> dict:
     }
 
 
+# -- bfloat16 parameters -----------------------------------------------------
+
+
+def bfloat16_section(quick: bool) -> dict:
+    """The reference workload in bfloat16: projections compute in float32.
+
+    Rows: `project`, the hand-written loop with our constraints, and the same
+    loop through `oc.apply_constraints` (which orders low-precision leaves
+    in groups like `project`).
+    """
+    dense, conv = ((8, 1536), (4, 256)) if not quick else ((4, 768), (2, 128))
+    to_bf16 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.bfloat16))
+    params = to_bf16(W.reference_params(dense, conv))
+    grads = to_bf16(W.gradients(params))
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    steps = W.optax_steps()
+    adam = steps["plain"][1]
+
+    def hand_apply(p, s, g):
+        u, s = adam.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return oc.apply_constraints(p, W.CONSTRAINTS, W.labels_of), s
+
+    variants = {
+        "plain": steps["plain"],
+        "project": steps["project"],
+        "hand_oc": steps["hand_oc"],
+        "hand_apply_constraints": (hand_apply, adam),
+    }
+    runs, memory = {}, {}
+    for name, (step, tx) in variants.items():
+        compiled, args = _optax_run(step, tx, params, grads)
+        runs[name], memory[name] = (compiled, args), _memory(compiled, param_bytes)
+    reps = 6 if quick else 24
+    times = T.interleaved(runs, reps)
+    return {
+        "reps": reps,
+        "memory": memory,
+        "ratios": {
+            name: T.ratio_stats(t["cpu"], times["plain"]["cpu"])
+            for name, t in times.items()
+            if name != "plain"
+        },
+    }
+
+
 # -- matrix constraints ------------------------------------------------------
 
 
@@ -389,6 +436,15 @@ def _section_lines(results: dict) -> list[str]:
                 f"  {name:26s} mean {st['mean']:.3f}   median {st['median']:.3f}"
                 f"   min-max {st['min']:.2f}-{st['max']:.2f}"
             )
+    low = results.get("bfloat16")
+    if low:
+        lines += ["", f"bfloat16 parameters, {low['reps']} rounds, step / plain Adam (CPU time):"]
+        for name, st in low["ratios"].items():
+            m = low["memory"][name]
+            lines.append(
+                f"  {name:26s} {_fmt(st):>20s}   passes {m['passes']:5.2f}"
+                f"   temp {m['temp_mb']:6.1f} MB"
+            )
     mat = results.get("matrix", {"skipped": True})
     if not mat.get("skipped"):
         lines += ["", f"matrix constraints, {mat['kernels']} kernels, Adam step / plain Adam:"]
@@ -460,7 +516,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--formulations", action="store_true", help="also in --quick mode")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
-        "--only", choices=("every_k",), help="run one section alone (written to <file>-<name>)"
+        "--only",
+        choices=("every_k", "bfloat16"),
+        help="run one section alone (written to <file>-<name>.json)",
     )
     args = parser.parse_args(argv)
     import keras
@@ -484,12 +542,14 @@ def main(argv=None) -> dict:
     }
     stem = f"{machine}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.only == "every_k":
-        results["every_k"] = every_k_section(args.quick)
+    sections = {"every_k": every_k_section, "bfloat16": bfloat16_section}
+    if args.only:
+        results[args.only] = sections[args.only](args.quick)
         results["seconds"] = time.perf_counter() - started
         print("\n".join(report(results, only=True)))
-        (args.out / f"{stem}-every_k.json").write_text(json.dumps(results, indent=1))
-        print(f"\nwrote {args.out / stem}-every_k.json ({results['seconds']:.0f} s)")
+        path = args.out / f"{stem}-{args.only}.json"
+        path.write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {path} ({results['seconds']:.0f} s)")
         return results
     print("step (and formulations) ...", flush=True)
     results["step"] = step_section(args.quick, args.formulations or not args.quick)
@@ -497,6 +557,8 @@ def main(argv=None) -> dict:
     results["compile"] = compile_section(args.quick)
     print("every_k_steps ...", flush=True)
     results["every_k"] = every_k_section(args.quick)
+    print("bfloat16 ...", flush=True)
+    results["bfloat16"] = bfloat16_section(args.quick)
     print("matrix ...", flush=True)
     results["matrix"] = matrix_section(args.quick)
     results["seconds"] = time.perf_counter() - started
