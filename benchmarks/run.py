@@ -295,6 +295,8 @@ def matrix_section(quick: bool) -> dict:
         "spectral_svd": oc.SpectralNorm(2.0, method="svd"),
         "orthogonal_newton_schulz": oc.Orthogonal(method="newton_schulz"),
         "orthogonal_svd": oc.Orthogonal(method="svd"),
+        "l1_ball": oc.L1Ball(10.0),
+        "simplex": oc.Simplex(),
     }
     adam = optax.adam(1e-3)
     runs, accuracy = {}, {}
@@ -319,14 +321,28 @@ def matrix_section(quick: bool) -> dict:
             p, s = jitted(p, s, jax.tree.map(lambda g, t=t: jnp.roll(g, t, axis=0), grads))
             if name.startswith("spectral"):
                 worst = max([worst] + [_sigma_max(p[k]) / 2.0 - 1 for k in p])
+            elif name == "l1_ball":
+                worst = max([worst] + [float(jnp.abs(p[k]).sum(0).max()) / 10.0 - 1 for k in p])
+            elif name == "simplex":
+                worst = max(
+                    [worst]
+                    + [float(jnp.abs(p[k].sum(0) - 1).max()) for k in p]
+                    + [-float(p[k].min()) for k in p]
+                )
             else:
                 eye = np.eye(width)
                 worst = max(
                     [worst]
                     + [float(np.abs(np.asarray(p[k]).T @ np.asarray(p[k]) - eye).max()) for k in p]
                 )
-        key = (
-            "sigma_max_excess_rel" if name.startswith("spectral") else "max_abs_gram_minus_identity"
+        key = {
+            "l1_ball": "l1_excess_rel",
+            "simplex": "max_abs_sum_minus_1_or_negative",
+        }.get(
+            name,
+            "sigma_max_excess_rel"
+            if name.startswith("spectral")
+            else "max_abs_gram_minus_identity",
         )
         accuracy[name] = {f"{key} (5 steps)": worst}
     # The two Orthogonal methods on the same input (one Adam-sized step away
@@ -447,7 +463,11 @@ def _section_lines(results: dict) -> list[str]:
             )
     mat = results.get("matrix", {"skipped": True})
     if not mat.get("skipped"):
-        lines += ["", f"matrix constraints, {mat['kernels']} kernels, Adam step / plain Adam:"]
+        lines += [
+            "",
+            f"matrix and per-unit L1/simplex constraints, {mat['kernels']} kernels,"
+            " Adam step / plain Adam:",
+        ]
         for key, val in mat["ratios"].items():
             name = key.split("/")[0]
             acc = ", ".join(f"{k} {v:.2e}" for k, v in mat["accuracy"][name].items())

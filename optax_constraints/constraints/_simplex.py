@@ -16,7 +16,7 @@ class L1Ball(_AxisConstraint):
     i.e. soft-thresholding :math:`\\operatorname{sign}(w)\\max(|w| - \\theta, 0)`
     with the smallest :math:`\\theta \\ge 0` that makes the unit feasible.
     Units already inside are left exactly as they are; the others become
-    sparse. Computed by sorting, `O(n log n)` per unit (see
+    sparse. Computed exactly with a few masked sums per unit, no sort (see
     `optax_constraints.projections.l1_ball`).
 
     Args:
