@@ -188,6 +188,14 @@ def test_hand_written_step_with_our_constraints_runs_in_place(reference):
     assert reference["hand"]["peak"] <= reference["plain"]["peak"] + 1 * MB
 
 
+@pytest.mark.parametrize("constraint", [oc.NonNeg(), oc.Clip(-0.1, 0.1)])
+def test_elementwise_constraints_fuse_into_adams_last_pass(reference, constraint):
+    tx = optax.chain(optax.adam(1e-3), oc.project(constraint))
+    got = memory(compiled_step(tx, reference["params"]))
+    assert got["temp"] <= 64 * 1024
+    assert passes({**reference, "c": got}, "c") <= passes(reference, "plain") + 0.01
+
+
 def test_nonneg_everywhere_costs_what_keep_params_nonnegative_costs():
     params = reference_shapes()
     adam = optax.adam(1e-3)

@@ -9,7 +9,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from optax_constraints import projections as P
-from optax_constraints.constraints._base import Constraint, check_number, is_python_number
+from optax_constraints.constraints._base import (
+    Constraint,
+    check_number,
+    is_python_number,
+    update_and_target,
+)
 
 
 def _float(w):
@@ -206,6 +211,13 @@ class Clip(Constraint):
     def __call__(self, w):
         c = self.at_step(0)
         return P.clip(w, c.min_value, c.max_value)
+
+    def project_update(self, param, update, state, step):
+        # The general form, declared elementwise: `project` then leaves it out
+        # of its ordered groups, and XLA fuses it into the optimizer's last
+        # pass (10 passes over the parameters, like plain Adam, instead of 13).
+        new_update, state, _ = update_and_target(self, param, update, state, step)
+        return new_update, state
 
     def get_config(self):
         return {"min_value": self.min_value, "max_value": self.max_value}
