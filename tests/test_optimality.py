@@ -314,3 +314,32 @@ def test_simplex_and_l1_ball_derivatives_match_finite_differences(name):
     np.testing.assert_allclose(jnp.sum(grad * direction), jnp.sum(jvp_w * cot), rtol=1e-4)
     batched = jax.vmap(lambda a: f(a, radius))(jnp.stack([w, 2 * w]))
     np.testing.assert_allclose(batched[1], f(2 * w, radius), rtol=1e-6, atol=1e-7)
+
+
+def test_newton_schulz_stop_early_stops_once_converged():
+    # One optimizer step away from orthogonal (the case in `project` after the
+    # first update) it converges in a few iterations and stops there: the
+    # result is bit for bit the fixed iteration of some small count.
+    keys = jax.random.split(jax.random.key(12), 3)
+    q = P.orthogonal_svd(jax.random.normal(keys[0], (96, 64)))
+    w = q + 1e-3 * jax.random.normal(keys[1], (96, 64))
+    early = np.asarray(P.orthogonal_newton_schulz(w, 25, stop_early=True))
+    counts = [
+        k
+        for k in range(1, 11)
+        if np.array_equal(np.asarray(P.orthogonal_newton_schulz(w, k)), early)
+    ]
+    assert counts and counts[0] <= 8, counts
+    gram = early.T @ early
+    assert np.abs(gram - np.eye(64)).max() <= 2e-6
+    # A Gaussian kernel (condition ~100) settles later; the result is the
+    # fixed iteration's up to float32 rounding.
+    r = jax.random.normal(keys[2], (64, 64))
+    np.testing.assert_allclose(
+        np.asarray(P.orthogonal_newton_schulz(r, 25, stop_early=True)),
+        np.asarray(P.orthogonal_newton_schulz(r, 25)),
+        atol=1e-6,
+    )
+    # And reverse mode works through it.
+    g = jax.grad(lambda a: jnp.sum(P.orthogonal_newton_schulz(a, 25, stop_early=True) * w))(w)
+    assert np.all(np.isfinite(np.asarray(g)))

@@ -203,7 +203,9 @@ NEWTON_SCHULZ_ITERS = 25
 
 
 @projection
-def orthogonal_newton_schulz(w: jax.Array, num_iters: int = NEWTON_SCHULZ_ITERS) -> jax.Array:
+def orthogonal_newton_schulz(
+    w: jax.Array, num_iters: int = NEWTON_SCHULZ_ITERS, stop_early: bool = False
+) -> jax.Array:
     """The polar factor `U V^T` by the cubic Newton–Schulz iteration (no SVD).
 
     On the `(fan_in, out)` view, transposed so that :math:`X` is tall
@@ -245,9 +247,19 @@ def orthogonal_newton_schulz(w: jax.Array, num_iters: int = NEWTON_SCHULZ_ITERS)
     kernels can occur. Muon's quintic coefficients are deliberately not used:
     they trade convergence to the polar factor for speed.
 
+    With `stop_early=True` the iteration stops once it has converged: when
+    :math:`\\max |X_k^\\top X_k - I| \\le 10^{-3}`, three more iterations
+    (each squares the error) reach the float32 floor, and at most `num_iters`
+    run in all. A kernel one optimizer step away from orthogonal then takes
+    about 5 iterations instead of 25 (`oc.project` uses this mode); the
+    remaining iterations are skipped by a `lax.cond`, and derivatives are
+    those of the iterations that ran.
+
     Args:
       w: kernel with at least 2 dimensions.
-      num_iters: number of iterations (a Python int).
+      num_iters: number of iterations (a Python int), or the most with
+        `stop_early`.
+      stop_early: stop once converged (see above).
 
     Returns:
       The (approximately) semi-orthogonal kernel, same shape and dtype.
@@ -267,11 +279,18 @@ def orthogonal_newton_schulz(w: jax.Array, num_iters: int = NEWTON_SCHULZ_ITERS)
     """
     if not (isinstance(num_iters, int) and not isinstance(num_iters, bool) and num_iters >= 0):
         raise ValueError(f"num_iters must be a Python int >= 0; got num_iters={num_iters!r}.")
-    return _newton_schulz(w, num_iters)
+    return _newton_schulz(w, num_iters, bool(stop_early))
+
+
+SETTLED = 1e-3
+"""`max |X^T X - I|` below which `stop_early` Newton–Schulz runs its last iterations."""
+
+FINAL_ITERS = 3
+"""Iterations after `SETTLED`: 1e-3 -> 1e-6 -> 1e-12 -> below float32 resolution."""
 
 
 @_tall
-def _newton_schulz(x, num_iters):
+def _newton_schulz(x, num_iters, stop_early=False):
     # The polar factor ignores scale: dividing by the largest entry first keeps
     # the Gram matrix in range (float32 squares overflow past ~1e19 and flush
     # to zero below ~1e-19, which made such kernels come back as zeros).
@@ -289,7 +308,22 @@ def _newton_schulz(x, num_iters):
     def step(_, x):
         return x @ (1.5 * eye - 0.5 * (x.T @ x))
 
-    return jax.lax.fori_loop(0, num_iters, step, x)
+    if not stop_early:
+        return jax.lax.fori_loop(0, num_iters, step, x)
+
+    def settling_step(x, left):
+        gram = x.T @ x
+        settled = jnp.max(jnp.abs(gram - eye)) <= SETTLED
+        left = jnp.where(settled, jnp.minimum(left, FINAL_ITERS), left)
+        return x @ (1.5 * eye - 0.5 * gram), left - 1
+
+    def maybe_step(_, carry):
+        # A `cond` in a fixed-length loop rather than a `while_loop`: the
+        # skipped iterations cost nothing, and reverse mode still works.
+        return jax.lax.cond(carry[1] > 0, lambda c: settling_step(*c), lambda c: c, carry)
+
+    x, _ = jax.lax.fori_loop(0, num_iters, maybe_step, (x, jnp.int32(num_iters)))
+    return x
 
 
 # -- power iteration ---------------------------------------------------------
