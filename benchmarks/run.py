@@ -537,7 +537,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--only",
-        choices=("every_k", "bfloat16"),
+        choices=("every_k", "bfloat16", "matrix"),
         help="run one section alone (written to <file>-<name>.json)",
     )
     args = parser.parse_args(argv)
@@ -562,7 +562,7 @@ def main(argv=None) -> dict:
     }
     stem = f"{machine}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    sections = {"every_k": every_k_section, "bfloat16": bfloat16_section}
+    sections = {"every_k": every_k_section, "bfloat16": bfloat16_section, "matrix": matrix_section}
     if args.only:
         results[args.only] = sections[args.only](args.quick)
         results["seconds"] = time.perf_counter() - started
