@@ -42,6 +42,8 @@ LEAVES = {
     "conv_kernel": ((3, 3, 16, 32), P(None, None, "data", "model"), "fan_in"),  # over 0..2
     "embedding": ((64, 32), P("data", "model"), "unit"),         # UnitNorm(axis=1), sharded
     "head_kernel": ((32, 16), P(None, "model"), "minmax"),       # reduce axis local
+    "mixing": ((64, 32), P("model", "data"), "simplex"),         # Simplex over sharded axis 0
+    "box": ((32, 16), P("data", "model"), "clip"),               # elementwise
     "free": ((32, 16), P("data", "model"), None),                # unconstrained
 }
 CONSTRAINTS = {
@@ -50,6 +52,8 @@ CONSTRAINTS = {
     "fan_in": oc.MaxNorm(2.0, axis="fan_in"),
     "unit": oc.UnitNorm(axis=1),
     "minmax": oc.MinMaxNorm(0.5, 1.0, rate=0.8, axis=0),
+    "simplex": oc.Simplex(axis=0),
+    "clip": oc.Clip(-0.5, 0.5),
 }
 labels = {k: v[2] for k, v in LEAVES.items()}
 tx = optax.chain(optax.adam(0.1), oc.project(CONSTRAINTS, labels))
@@ -117,6 +121,9 @@ report["feasible"] = {
     "embedding_min": float(norms(p_sh["embedding"], 1).min()),
     "embedding_max": float(norms(p_sh["embedding"], 1).max()),
     "dense_bias_min": float(np.min(np.asarray(p_sh["dense_bias"]))),
+    "mixing_sum_error": float(np.abs(np.asarray(p_sh["mixing"], np.float64).sum(0) - 1).max()),
+    "mixing_min": float(np.min(np.asarray(p_sh["mixing"]))),
+    "box_abs_max": float(np.abs(np.asarray(p_sh["box"])).max()),
 }
 
 for (path, x_in), x_out in zip(jax.tree_util.tree_leaves_with_path(in_s),
@@ -156,7 +163,8 @@ if hasattr(_transform, "GROUP_BYTES"):
 report["param_shapes"] = {k: list(v[0]) for k, v in LEAVES.items()}
 report["shard_shapes"] = {k: list(p_sh[k].addressable_shards[0].data.shape) for k in LEAVES}
 # Per-device size of each norm array: the shard with its reduced axes set to 1.
-REDUCED = {"dense_kernel": (0,), "conv_kernel": (0, 1, 2), "embedding": (1,), "head_kernel": (0,)}
+REDUCED = {"dense_kernel": (0,), "conv_kernel": (0, 1, 2), "embedding": (1,), "head_kernel": (0,),
+           "mixing": (0,)}
 report["norm_shard_sizes"] = {
     k: int(np.prod([1 if i in ax else d for i, d in enumerate(report["shard_shapes"][k])]))
     for k, ax in REDUCED.items()}
@@ -214,6 +222,8 @@ def test_constraints_hold_on_the_sharded_result(report):
     assert f["conv_kernel"] <= 2.0 * (1 + 1e-6)
     assert 1 - 1e-5 <= f["embedding_min"] <= f["embedding_max"] <= 1 + 1e-6
     assert f["dense_bias_min"] >= 0
+    assert f["mixing_sum_error"] <= 1e-5 and f["mixing_min"] >= 0
+    assert f["box_abs_max"] <= 0.5
 
 
 @pytest.mark.parametrize("setting", ["default", "grouped"])
