@@ -267,6 +267,9 @@ def test_constraints_are_hashable_and_equal_by_config():
     assert oc.MaxNorm(1.0) != oc.MinMaxNorm(0.0, 1.0)
     assert oc.NonNeg() == oc.NonNeg() and hash(oc.NonNeg()) == hash(oc.NonNeg())
     assert oc.UnitNorm(axis=0) != oc.UnitNorm(axis=1)
+    assert oc.MaxNorm(2.0, axis=0) == oc.MaxNorm(2.0, axis=(0,))
+    assert hash(oc.Simplex(axis=1)) == hash(oc.Simplex(axis=[1]))
+    assert oc.MaxNorm(2.0, axis=0).get_config()["axis"] == 0  # the user's form
     assert len({oc.MaxNorm(2.0), oc.MaxNorm(2.0), oc.UnitNorm(), oc.UnitNorm()}) == 2
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from optax_constraints import projections as P
 from optax_constraints.constraints._base import (
     Constraint,
+    _hashable,
     check_number,
     is_python_number,
     update_and_target,
@@ -33,6 +34,14 @@ class _AxisConstraint(Constraint):
 
     def check_leaf(self, shape, dtype):
         P.resolve_axis(self.axis, len(shape))
+
+    def _key(self):
+        # `axis=0` and `axis=(0,)` name the same units: equal, same hash (one
+        # compiled step for both). The config keeps the form the user gave.
+        key = dict(self.get_config())
+        if isinstance(self.axis, int):
+            key["axis"] = (self.axis,)
+        return (type(self), _hashable(key))
 
 
 class MaxNorm(_AxisConstraint):
