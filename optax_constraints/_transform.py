@@ -149,7 +149,8 @@ def _project_leaves(routes, flat_params, flat_u, states, count, due=None):
     With `due` (a traced bool, `every_k_steps`), updates pass through
     unchanged unless `due`: large leaves each under their own `lax.cond`, in
     the same ordered groups; small leaves under one `lax.cond` together; the
-    elementwise exact forms (NonNeg) as a select, fused like the rest. One
+    update forms that constraints define themselves (`project_update`:
+    NonNeg, Clip; elementwise) computed every step and selected. One
     `cond` over the whole tree would make XLA materialise every leaf's update
     at once, and the page faults of that buffer would cost more than the
     projection saved (docs/performance.md).
@@ -161,7 +162,8 @@ def _project_leaves(routes, flat_params, flat_u, states, count, due=None):
         i, key, c = r.leaf.index, r.leaf.path_str, r.constraint
         p, state = flat_params[i], states.get(key)
         if type(c).project_update is not Constraint.project_update:
-            # An exact update-space form (NonNeg): elementwise, nothing to order.
+            # The constraint's own update form (NonNeg, Clip): elementwise,
+            # nothing to order.
             new_u, new_state = c.project_update(p, flat_u[i], state, count)
             if due is not None:
                 new_u, new_state = _where(due, (new_u, new_state), (flat_u[i], state))

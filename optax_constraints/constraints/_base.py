@@ -116,7 +116,10 @@ class Constraint:
         """The update `u'` with `param + u' == apply(param + update)` up to rounding.
 
         Computed in float32 for bfloat16/float16 leaves. Subclasses override
-        this when an exact update-space form exists (see `NonNeg`).
+        this when an exact update-space form exists (see `NonNeg`), or to mark
+        an elementwise constraint (see `Clip`): `project` fuses overridden forms
+        into the optimizer's last pass instead of ordering them in groups, and
+        under `every_k_steps` computes them every step and selects.
         """
         new_update, state, _ = update_and_target(self, param, update, state, step)
         return new_update, state
