@@ -46,6 +46,27 @@ def exported_constraint_classes() -> list[type]:
     return [found[k] for k in sorted(found)]
 
 
+def constraint_instances(examples: dict, *, axis_variant=None) -> list:
+    """One or more instances of every exported constraint class.
+
+    `examples` maps a class name to instances with non-trivial
+    hyper-parameters; any other class is taken with its defaults (so a newly
+    exported class is covered at once), plus `cls(axis=axis_variant)` if given
+    and the class has an `axis`, plus one instance per further `method`.
+    """
+    out = []
+    for cls in exported_constraint_classes():
+        found = examples.get(cls.__name__)
+        if found is None:
+            found = [cls()]
+            if axis_variant is not None and "axis" in inspect.signature(cls.__init__).parameters:
+                found.append(cls(axis=axis_variant))
+            for method in getattr(cls, "methods", ())[1:]:
+                found.append(cls(method=method))
+        out.extend(found)
+    return out
+
+
 def reference_axes(axis, ndim: int) -> tuple[int, ...]:
     """Axis spec -> sorted non-negative axes, written here, independent of the package."""
     if axis is None:

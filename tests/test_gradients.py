@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import optax
 import pytest
-from helpers import exported_constraint_classes
+from helpers import constraint_instances
 
 import optax_constraints as oc
 
@@ -36,20 +36,7 @@ EXAMPLES = {
 }
 
 
-def constraint_instances():
-    out = []
-    for cls in exported_constraint_classes():
-        found = EXAMPLES.get(cls.__name__)
-        if found is None:
-            found = [cls()]
-            # Matrix constraints: one instance per method.
-            for method in getattr(cls, "methods", ())[1:]:
-                found.append(cls(method=method))
-        out.extend(found)
-    return out
-
-
-INSTANCES = constraint_instances()
+INSTANCES = constraint_instances(EXAMPLES)
 
 
 def _corner_arrays() -> dict[str, np.ndarray]:

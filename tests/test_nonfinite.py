@@ -12,14 +12,12 @@ back non-finite, and `constraint_violations` reports it, so `optax.apply_if_fini
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import exported_constraint_classes
+from helpers import constraint_instances
 
 import optax_constraints as oc
 
@@ -41,21 +39,7 @@ EXAMPLES = {
 }
 
 
-def constraint_instances():
-    out = []
-    for cls in exported_constraint_classes():
-        found = EXAMPLES.get(cls.__name__)
-        if found is None:
-            found = [cls()]
-            if "axis" in inspect.signature(cls.__init__).parameters:
-                found.append(cls(axis=1))
-            for method in getattr(cls, "methods", ())[1:]:
-                found.append(cls(method=method))
-        out.extend(found)
-    return out
-
-
-INSTANCES = constraint_instances()
+INSTANCES = constraint_instances(EXAMPLES, axis_variant=1)
 
 
 def coupled_with(constraint, shape, where) -> np.ndarray:
