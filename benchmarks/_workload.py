@@ -75,6 +75,16 @@ def _keras_max_norm(w, axis):
     return w * (jnp.clip(norms, 0, MAX_VALUE) / (1e-7 + norms))
 
 
+def step_with(tx) -> Callable:
+    """`(params, state, grads) -> (params, state)`: `tx.update`, then `apply_updates`."""
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return step
+
+
 def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callable, object]]:
     """name -> (step, optimizer whose `init` builds the state)."""
     adam = optax.adam(learning_rate)
@@ -82,22 +92,10 @@ def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callabl
         adam, oc.project(CONSTRAINTS, oc.label_by_path(RULES, allow_unmatched=True))
     )
 
-    def plain(p, s, g):
-        u, s = adam.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
     projected_every4 = optax.chain(
         adam,
         oc.project(CONSTRAINTS, oc.label_by_path(RULES, allow_unmatched=True), every_k_steps=4),
     )
-
-    def ours(p, s, g):
-        u, s = projected.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    def ours_every4(p, s, g):
-        u, s = projected_every4.update(g, s, p)
-        return optax.apply_updates(p, u), s
 
     def hand_oc(p, s, g):
         u, s = adam.update(g, s, p)
@@ -125,9 +123,9 @@ def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callabl
         return optax.apply_updates(p, jax.tree.map(project, p, u, labels_of(p))), s
 
     return {
-        "plain": (plain, adam),
-        "project": (ours, projected),
-        "project_every4": (ours_every4, projected_every4),
+        "plain": (step_with(adam), adam),
+        "project": (step_with(projected), projected),
+        "project_every4": (step_with(projected_every4), projected_every4),
         "hand_oc": (hand_oc, adam),
         "hand_keras": (hand_keras, adam),
         "naive": (naive, adam),
@@ -139,13 +137,6 @@ def nonneg_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callab
     adam = optax.adam(learning_rate)
     ours = optax.chain(adam, oc.project(oc.NonNeg()))
     theirs = optax.chain(adam, optax.keep_params_nonnegative())
-
-    def step_with(tx):
-        def step(p, s, g):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        return step
 
     return {"nonneg_project": (step_with(ours), ours), "keep_nonneg": (step_with(theirs), theirs)}
 

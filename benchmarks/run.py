@@ -202,12 +202,7 @@ def every_k_section(quick: bool) -> dict:
         txs[f"every_{k}"] = optax.chain(adam, oc.project(W.CONSTRAINTS, labels, every_k_steps=k))
     runs = {}
     for name, tx in txs.items():
-
-        def step(p, s, g, tx=tx):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        runs[name] = _optax_run(step, tx, params, grads)
+        runs[name] = _optax_run(W.step_with(tx), tx, params, grads)
     reps = 16 if quick else 48
     times = T.interleaved(runs, reps, warmup=0)
     plain = times["plain"]["cpu"]
@@ -301,18 +296,10 @@ def matrix_section(quick: bool) -> dict:
     adam = optax.adam(1e-3)
     runs, accuracy = {}, {}
 
-    def plain(p, s, g):
-        u, s = adam.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    runs["plain"] = _optax_run(plain, adam, params, grads)
+    runs["plain"] = _optax_run(W.step_with(adam), adam, params, grads)
     for name, c in constraints.items():
         tx = optax.chain(adam, oc.project(c))
-
-        def step(p, s, g, tx=tx):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
+        step = W.step_with(tx)
         runs[name] = _optax_run(step, tx, params, grads)
         # Accuracy over a few training steps from the same start.
         p, s, worst = params, tx.init(params), 0.0
