@@ -18,7 +18,9 @@ plot next to it. Sections:
 * memory: `compiled.memory_analysis()` of each step (deterministic);
 * compile: trace + compile time of the step at 10, 100 and 1000 leaves;
 * matrix: SpectralNorm (power iteration vs SVD) and Orthogonal
-  (Newton-Schulz vs SVD), time per step and accuracy.
+  (Newton-Schulz vs SVD), time per step and accuracy;
+* stacked: `oc.Stacked` on one `(layers, in, out)` leaf against the same
+  layers as separate leaves, step time and trace + compile time.
 """
 
 from __future__ import annotations
@@ -215,6 +217,60 @@ def every_k_section(quick: bool) -> dict:
             }
             for name, t in times.items()
             if name != "plain"
+        },
+    }
+
+
+# -- stacked leaves ----------------------------------------------------------
+
+
+def stacked_section(quick: bool) -> dict:
+    """`oc.Stacked` on one `(layers, in, out)` leaf vs the layers as separate leaves.
+
+    Same constraint per layer, same Adam: the stacked step should cost what
+    the separate leaves cost (step time and trace + compile time), for a norm
+    constraint (translated axes, no vmap) and for the vmapped matrix ones.
+    """
+    layers, n = (4, 256) if quick else (8, 512)
+    key = jax.random.key(0)
+    stacked = {"kernel": jax.random.normal(key, (layers, n, n)) * 0.05}
+    separate = {f"layer{i}": {"kernel": stacked["kernel"][i]} for i in range(layers)}
+    grads = {"stacked": W.gradients(stacked)}
+    grads["separate"] = {
+        f"layer{i}": {"kernel": grads["stacked"]["kernel"][i]} for i in range(layers)
+    }
+    inners = {
+        "max_norm": oc.MaxNorm(1.0, axis="fan_in"),
+        "spectral_power": oc.SpectralNorm(1.0),
+        "orthogonal_ns": oc.Orthogonal(method="newton_schulz"),
+    }
+    adam = optax.adam(W.LEARNING_RATE)
+    runs, compile_s = {}, {}
+    for name, inner in inners.items():
+        for layout, params, c in (
+            ("stacked", stacked, oc.Stacked(inner)),
+            ("separate", separate, inner),
+        ):
+            tx = optax.chain(adam, oc.project(c))
+            g = grads[layout]
+            p = jax.tree.map(jnp.copy, params)
+            s = tx.init(p)
+            compile_s[f"{name}/{layout}"] = _compile_time(W.jit_step(W.step_with(tx)), p, s, g)
+            runs[f"{name}/{layout}"] = _optax_run(W.step_with(tx), tx, params, g)
+    reps = 8 if quick else 24
+    times = T.interleaved(runs, reps)
+    return {
+        "layers": layers,
+        "n": n,
+        "reps": reps,
+        "ratios": {
+            name: T.ratio_stats(times[f"{name}/stacked"]["cpu"], times[f"{name}/separate"]["cpu"])
+            for name in inners
+        },
+        "compile_ratio": {
+            name: compile_s[f"{name}/stacked"]["total_cpu_s"]
+            / compile_s[f"{name}/separate"]["total_cpu_s"]
+            for name in inners
         },
     }
 
@@ -448,6 +504,18 @@ def _section_lines(results: dict) -> list[str]:
                 f"  {name:26s} {_fmt(st):>20s}   passes {m['passes']:5.2f}"
                 f"   temp {m['temp_mb']:6.1f} MB"
             )
+    stack = results.get("stacked")
+    if stack:
+        lines += [
+            "",
+            f"oc.Stacked, {stack['layers']} layers of ({stack['n']}, {stack['n']}), one stacked"
+            " leaf / separate leaves (CPU time):",
+        ]
+        for name, st in stack["ratios"].items():
+            lines.append(
+                f"  {name:26s} step {_fmt(st):>20s}   trace+compile"
+                f" {stack['compile_ratio'][name]:.3f}"
+            )
     mat = results.get("matrix", {"skipped": True})
     if not mat.get("skipped"):
         lines += [
@@ -524,7 +592,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--only",
-        choices=("every_k", "bfloat16", "matrix"),
+        choices=("every_k", "bfloat16", "matrix", "stacked"),
         help="run one section alone (written to <file>-<name>.json)",
     )
     args = parser.parse_args(argv)
@@ -549,7 +617,12 @@ def main(argv=None) -> dict:
     }
     stem = f"{machine}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    sections = {"every_k": every_k_section, "bfloat16": bfloat16_section, "matrix": matrix_section}
+    sections = {
+        "every_k": every_k_section,
+        "bfloat16": bfloat16_section,
+        "matrix": matrix_section,
+        "stacked": stacked_section,
+    }
     if args.only:
         results[args.only] = sections[args.only](args.quick)
         results["seconds"] = time.perf_counter() - started
@@ -568,6 +641,8 @@ def main(argv=None) -> dict:
     results["bfloat16"] = bfloat16_section(args.quick)
     print("matrix ...", flush=True)
     results["matrix"] = matrix_section(args.quick)
+    print("stacked ...", flush=True)
+    results["stacked"] = stacked_section(args.quick)
     results["seconds"] = time.perf_counter() - started
     lines = report(results)
     print("\n".join(lines))

@@ -34,8 +34,10 @@ from optax_constraints.constraints import MaxNorm as MaxNorm
 from optax_constraints.constraints import MinMaxNorm as MinMaxNorm
 from optax_constraints.constraints import NonNeg as NonNeg
 from optax_constraints.constraints import Orthogonal as Orthogonal
+from optax_constraints.constraints import OutputFirst as OutputFirst
 from optax_constraints.constraints import Simplex as Simplex
 from optax_constraints.constraints import SpectralNorm as SpectralNorm
+from optax_constraints.constraints import Stacked as Stacked
 from optax_constraints.constraints import UnitNorm as UnitNorm
 from optax_constraints.constraints import deserialize as deserialize
 from optax_constraints.constraints import get as get

@@ -148,11 +148,17 @@ def _check_output_shape(constraint, shape, dtype, where: str) -> None:
 
 
 def routing_report(params: PyTree, constraints: Constraints, param_labels=None) -> str:
-    """A table of every leaf: path, shape, dtype, label and constraint.
+    """A table of every leaf: path, shape, dtype, label, constraint and its view.
 
     Print it before training, the way you would `model.summary()`, to see that
     every kernel and bias gets what you meant. Unconstrained leaves are listed
     too, with `-` as their constraint (and as their label when they have none).
+    The `view` column says how the constraint sees the leaf
+    (`Constraint.describe_leaf`): norm constraints as units of a size, matrix
+    ones as the matrix they constrain, wrapped in `oc.Stacked` as copies of
+    those. A stacked `(layers, in, out)` kernel under plain
+    `MaxNorm(axis="fan_in")` reads `16 units of 64` for `(4, 16, 16)`: one norm
+    over all layers; `oc.Stacked(...)` makes it `4 x 16 units of 16`.
     `params` may be concrete arrays or `jax.eval_shape` structs, and any tree
     `project` accepts (dicts, `FrozenDict`, `nnx.State`, dataclasses, ...).
 
@@ -174,14 +180,26 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
     >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
     >>> print(oc.routing_report(params, {"k": oc.MaxNorm(3.0)},
     ...                         oc.label_by_path({"**/kernel": "k"})))
-    path            shape   dtype    label  constraint
-    Dense_0/bias    (2,)    float32  -      -
-    Dense_0/kernel  (3, 2)  float32  'k'    MaxNorm(max_value=3.0, axis=0)
+    path            shape   dtype    label  constraint                      view
+    Dense_0/bias    (2,)    float32  -      -                               -
+    Dense_0/kernel  (3, 2)  float32  'k'    MaxNorm(max_value=3.0, axis=0)  2 units of 3
     2 leaves, 1 constrained (6 of 8 values)
+
+    Two scanned stacks of 4 layers: the first as one array (a mistake), the
+    second per layer:
+
+    >>> c = oc.MaxNorm(2.0, axis="fan_in")
+    >>> params = {"a": {"kernel": jnp.ones((4, 16, 16))}, "b": {"kernel": jnp.ones((4, 16, 16))}}
+    >>> print(oc.routing_report(params, {"plain": c, "stacked": oc.Stacked(c)},
+    ...                         {"a": {"kernel": "plain"}, "b": {"kernel": "stacked"}}))
+    path      shape        dtype    label      constraint                                                    view
+    a/kernel  (4, 16, 16)  float32  'plain'    MaxNorm(max_value=2.0, axis='fan_in')                         16 units of 64
+    b/kernel  (4, 16, 16)  float32  'stacked'  Stacked(MaxNorm(max_value=2.0, axis='fan_in'), stack_axis=0)  4 x 16 units of 16
+    2 leaves, 2 constrained (2048 of 2048 values)
     """
     mapping, labels = normalize(constraints, param_labels)
     routes = route(params, mapping, labels)
-    rows = [("path", "shape", "dtype", "label", "constraint")]
+    rows = [("path", "shape", "dtype", "label", "constraint", "view")]
     constrained = total = size_c = 0
     for r in routes:
         shape = _shape(r.leaf.value)
@@ -197,6 +215,7 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
                 str(getattr(r.leaf.value, "dtype", type(r.leaf.value).__name__)),
                 "-" if r.label is None else repr(r.label),
                 repr(r.constraint) if on else "-",
+                r.constraint.describe_leaf(shape) if on else "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

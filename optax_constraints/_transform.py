@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_constraints._routing import Constraints, Route, normalize, route
-from optax_constraints.constraints._base import Constraint, update_and_target
+from optax_constraints.constraints._base import update_and_target
 from optax_constraints.projections import compute_dtype
 
 PyTree = Any
@@ -161,7 +161,7 @@ def _project_leaves(routes, flat_params, flat_u, states, count, due=None):
     for r in routes:
         i, key, c = r.leaf.index, r.leaf.path_str, r.constraint
         p, state = flat_params[i], states.get(key)
-        if type(c).project_update is not Constraint.project_update:
+        if c.has_update_form:
             # The constraint's own update form (NonNeg, Clip): elementwise,
             # nothing to order.
             new_u, new_state = c.project_update(p, flat_u[i], state, count)

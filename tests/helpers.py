@@ -32,8 +32,25 @@ def examples(n: int) -> settings:
     return settings(settings.get_profile(PROFILE), max_examples=n * SCALE)
 
 
-def exported_constraint_classes() -> list[type]:
-    """Every `oc.Constraint` subclass exported at top level (aliases counted once)."""
+WRAPPERS = (oc.Stacked, oc.OutputFirst)
+"""Constraints that wrap another one: built from an instance, not from hyper-parameters."""
+
+WRAPPER_EXAMPLES = {
+    # On a (rows, cols) kernel both mean one unit per row: the Stacked copies
+    # are the rows; OutputFirst sees (cols, rows), whose "fan_in" is axis 0.
+    "Stacked": [oc.Stacked(oc.MaxNorm(1.0, axis=0))],
+    "OutputFirst": [oc.OutputFirst(oc.MaxNorm(1.0, axis="fan_in"))],
+}
+"""Instances of the wrappers for suites that take instances (tests/test_stacked.py
+covers the wrappers around every constraint)."""
+
+
+def exported_constraint_classes(*, wrappers: bool = False) -> list[type]:
+    """Every `oc.Constraint` subclass exported at top level (aliases counted once).
+
+    The wrappers (`Stacked`, `OutputFirst`) only with `wrappers=True`: they have
+    no hyper-parameters of their own to draw.
+    """
     found = {}
     for name in dir(oc):
         obj = getattr(oc, name)
@@ -41,6 +58,7 @@ def exported_constraint_classes() -> list[type]:
             inspect.isclass(obj)
             and issubclass(obj, oc.Constraint)
             and obj not in (oc.Constraint, oc.FunctionConstraint)
+            and (wrappers or obj not in WRAPPERS)
         ):
             found[obj.__name__] = obj
     return [found[k] for k in sorted(found)]
@@ -50,13 +68,14 @@ def constraint_instances(examples: dict, *, axis_variant=None) -> list:
     """One or more instances of every exported constraint class.
 
     `examples` maps a class name to instances with non-trivial
-    hyper-parameters; any other class is taken with its defaults (so a newly
-    exported class is covered at once), plus `cls(axis=axis_variant)` if given
+    hyper-parameters; the wrappers default to `WRAPPER_EXAMPLES`; any other
+    class is taken with its defaults (so a newly exported class is covered at
+    once), plus `cls(axis=axis_variant)` if given
     and the class has an `axis`, plus one instance per further `method`.
     """
     out = []
-    for cls in exported_constraint_classes():
-        found = examples.get(cls.__name__)
+    for cls in exported_constraint_classes(wrappers=True):
+        found = examples.get(cls.__name__, WRAPPER_EXAMPLES.get(cls.__name__))
         if found is None:
             found = [cls()]
             if axis_variant is not None and "axis" in inspect.signature(cls.__init__).parameters:

@@ -233,17 +233,22 @@ def test_routing_report_lists_every_leaf(kind):
     constraints = {"kernel": oc.MaxNorm(2.0, axis="fan_in"), "bias": oc.NonNeg(), "norm": None}
     report = oc.routing_report(params, constraints, oc.label_by_path(RULES))
     lines = report.splitlines()
-    assert lines[0].split() == ["path", "shape", "dtype", "label", "constraint"]
+    assert lines[0].split() == ["path", "shape", "dtype", "label", "constraint", "view"]
     rows = {re.split(r"\s{2,}", line)[0]: re.split(r"\s{2,}", line)[1:] for line in lines[1:-1]}
     leaf_shapes = shapes(params)
     assert set(rows) == set(EXPECTED)
-    for path, (shape, dtype, label, _constraint) in rows.items():
+    for path, (shape, dtype, label, _constraint, _view) in rows.items():
         assert shape == str(leaf_shapes[path])
         assert dtype == "float32"
         assert label == repr(EXPECTED[path])
     assert rows["Dense_0/kernel"][3] == "MaxNorm(max_value=2.0, axis='fan_in')"
     assert rows["Dense_0/bias"][3] == "NonNeg()"
     assert rows["LayerNorm_0/scale"][3] == "-"  # labelled, but mapped to None
+    # How each constraint sees its leaf: units of the kernel, elementwise bias.
+    kernel_shape = leaf_shapes["Dense_0/kernel"]
+    assert rows["Dense_0/kernel"][4] == f"{kernel_shape[-1]} units of {kernel_shape[0]}"
+    assert rows["Dense_0/bias"][4] == "elementwise"
+    assert rows["LayerNorm_0/scale"][4] == "-"
     assert lines[-1] == "4 leaves, 2 constrained (16 of 24 values)"
 
 
@@ -251,7 +256,7 @@ def test_routing_report_shows_unlabelled_leaves_and_takes_abstract_params():
     params = jax.eval_shape(lambda: _arrays())
     report = oc.routing_report(params, {"k": oc.UnitNorm()}, oc.label_by_path({"**/kernel": "k"}))
     row = next(line for line in report.splitlines() if line.startswith("LayerNorm_0/scale"))
-    assert row.split() == ["LayerNorm_0/scale", "(4,)", "float32", "-", "-"]
+    assert row.split() == ["LayerNorm_0/scale", "(4,)", "float32", "-", "-", "-"]
     assert report.splitlines()[-1] == "4 leaves, 1 constrained (12 of 24 values)"
 
 

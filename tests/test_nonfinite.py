@@ -28,6 +28,9 @@ BAD_VALUES = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 # How far each class couples entries: "element", "axis" (the unit over its
 # `axis`) or "leaf". A class not listed that has an `axis` is "axis", else "leaf".
 COUPLING = {"NonNeg": "element", "Clip": "element"}
+# The wrapper examples (helpers.WRAPPER_EXAMPLES) couple each row: on a
+# (rows, cols) kernel their units reduce over axis 1.
+REDUCED_AXES = {"Stacked": (1,), "OutputFirst": (1,)}
 
 
 EXAMPLES = {
@@ -46,15 +49,18 @@ def coupled_with(constraint, shape, where) -> np.ndarray:
     """Boolean mask of the entries that share a unit with `where`."""
     kind = COUPLING.get(type(constraint).__name__)
     if kind is None:
-        kind = "axis" if hasattr(constraint, "axis") else "leaf"
+        wrapper = type(constraint).__name__ in REDUCED_AXES
+        kind = "axis" if hasattr(constraint, "axis") or wrapper else "leaf"
     if kind == "element":
         mask = np.zeros(shape, bool)
         mask[where] = True
         return mask
     if kind == "leaf":
         return np.ones(shape, bool)
-    axis, ndim = constraint.axis, len(shape)
-    if axis is None:
+    axis, ndim = getattr(constraint, "axis", None), len(shape)
+    if type(constraint).__name__ in REDUCED_AXES:
+        reduced = set(REDUCED_AXES[type(constraint).__name__])
+    elif axis is None:
         reduced = set(range(ndim))
     elif axis == "fan_in":
         reduced = set(range(ndim - 1))

@@ -26,6 +26,8 @@ from optax_constraints.constraints._registry import serialize as serialize
 from optax_constraints.constraints._registry import valid_names as valid_names
 from optax_constraints.constraints._simplex import L1Ball as L1Ball
 from optax_constraints.constraints._simplex import Simplex as Simplex
+from optax_constraints.constraints._stacked import OutputFirst as OutputFirst
+from optax_constraints.constraints._stacked import Stacked as Stacked
 
 for _cls in (
     Constraint,
@@ -39,6 +41,8 @@ for _cls in (
     Simplex,
     SpectralNorm,
     Orthogonal,
+    Stacked,
+    OutputFirst,
 ):
     _add_builtin(_cls)
 del _cls

@@ -11,6 +11,11 @@ Optax transform without changing that contract:
   (stateless constraints return `None` and cost nothing);
 * numeric hyper-parameters listed in `schedulable` may be Optax schedules
   (callables of the step count), resolved by `at_step(step)`.
+
+Three more describe a constraint to wrappers such as `Stacked` and to the
+routing report: `has_update_form` (does `project_update` have its own form),
+`on_leaf_axes(axes, ndim)` (the same constraint on another layout, if it can
+be written as one) and `describe_leaf(shape)` (how it sees a leaf).
 """
 
 from __future__ import annotations
@@ -123,6 +128,55 @@ class Constraint:
         """
         new_update, state, _ = update_and_target(self, param, update, state, step)
         return new_update, state
+
+    @property
+    def has_update_form(self) -> bool:
+        """True when `project_update` is this constraint's own (elementwise) form.
+
+        `project` fuses such forms into the optimizer's last pass and, under
+        `every_k_steps`, computes them every step and selects. By default: the
+        subclass overrides `project_update` (`NonNeg`, `Clip`). Wrappers that
+        always override it (`Stacked`, `OutputFirst`) answer for what they wrap.
+
+        >>> import optax_constraints as oc
+        >>> oc.NonNeg().has_update_form, oc.MaxNorm().has_update_form
+        (True, False)
+        """
+        return type(self).project_update is not Constraint.project_update
+
+    def on_leaf_axes(self, axes: tuple[int, ...], ndim: int) -> Constraint | None:
+        """This constraint on a sub-array, written as a constraint on the whole leaf.
+
+        The sub-array ("copy") has `len(axes)` axes; its axis `i` is the
+        `ndim`-d leaf's axis `axes[i]`, and the leaf's other axes index
+        independent copies. Returns a stateless constraint that projects the
+        whole leaf exactly as this one projects every copy on its own, or
+        `None` when there is no such form (the default): `Stacked` then maps
+        the constraint over the copies with `jax.vmap`, `OutputFirst` moves
+        the axes. Norm constraints translate their `axis`; elementwise ones
+        return `self`.
+
+        >>> import optax_constraints as oc
+        >>> oc.MaxNorm(1.0, axis="fan_in").on_leaf_axes((1, 2), 3)  # copies along axis 0
+        MaxNorm(max_value=1.0, axis=[1])
+        >>> oc.CenterAround().on_leaf_axes((1, 2), 3) is None
+        True
+        """
+        del axes, ndim
+        return None
+
+    def describe_leaf(self, shape: tuple[int, ...]) -> str:
+        """How this constraint sees a leaf of `shape`, for `routing_report`.
+
+        Norm constraints answer "units of size" (`"16 units of 64"`), matrix
+        ones the matrix they constrain, elementwise ones `"elementwise"`; the
+        default is the whole leaf as one array.
+
+        >>> import optax_constraints as oc
+        >>> oc.CenterAround().describe_leaf((4, 3))
+        'whole (4, 3)'
+        """
+        return f"whole {tuple(shape)}"
 
     def violation(self, w: jax.Array) -> jax.Array:
         """How far `w` is from feasible: `max |w - C(w)|` (0 when feasible).

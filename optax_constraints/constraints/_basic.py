@@ -6,6 +6,8 @@ lower-case aliases are the same classes, as in `keras.constraints`.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 from optax_constraints import projections as P
@@ -34,6 +36,18 @@ class _AxisConstraint(Constraint):
 
     def check_leaf(self, shape, dtype):
         P.resolve_axis(self.axis, len(shape))
+
+    def on_leaf_axes(self, axes, ndim):
+        # A unit of a copy is a slice over some of the copy's axes: the same
+        # slice of the leaf, over the leaf axes they are.
+        unit = tuple(sorted(axes[a] for a in P.resolve_axis(self.axis, len(axes))))
+        return type(self).from_config({**self.get_config(), "axis": list(unit)})
+
+    def describe_leaf(self, shape):
+        unit = P.resolve_axis(self.axis, len(shape))
+        size = math.prod(shape[a] for a in unit)
+        units = math.prod(n for a, n in enumerate(shape) if a not in unit)
+        return f"{units} unit{'s' if units != 1 else ''} of {size}"
 
     def _key(self):
         # `axis=0` and `axis=(0,)` name the same units: equal, same hash (one
@@ -190,6 +204,12 @@ class NonNeg(Constraint):
     def violation(self, w):
         return jnp.maximum(-jnp.min(jnp.asarray(w), initial=0), 0).astype(jnp.float32)
 
+    def on_leaf_axes(self, axes, ndim):
+        return self  # elementwise: the layout does not matter
+
+    def describe_leaf(self, shape):
+        return "elementwise"
+
 
 class Clip(Constraint):
     """Elementwise box: every weight in `[min_value, max_value]`.
@@ -230,6 +250,12 @@ class Clip(Constraint):
 
     def get_config(self):
         return {"min_value": self.min_value, "max_value": self.max_value}
+
+    def on_leaf_axes(self, axes, ndim):
+        return self  # elementwise: the layout does not matter
+
+    def describe_leaf(self, shape):
+        return "elementwise"
 
 
 class CenterAround(Constraint):

@@ -7,6 +7,8 @@ and reject leaves with fewer than 2 dimensions when `project` is initialised.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,10 @@ def _check_matrix(owner, shape):
 def _matrix(w):
     w = jnp.asarray(w)
     return P.matrix_view(w.astype(P.compute_dtype(w.dtype)))
+
+
+def _describe_matrix(shape):
+    return f"{(math.prod(shape[:-1]), shape[-1])} matrix"
 
 
 def _sigma_max(w2d):
@@ -125,6 +131,9 @@ class SpectralNorm(Constraint):
 
     def check_leaf(self, shape, dtype):
         _check_matrix("SpectralNorm", shape)
+
+    def describe_leaf(self, shape):
+        return _describe_matrix(shape)
 
     def init_state(self, w):
         """The power-iteration vector `u` (shape `(out,)`); `None` for `"svd"`."""
@@ -217,6 +226,9 @@ class Orthogonal(Constraint):
 
     def check_leaf(self, shape, dtype):
         _check_matrix("Orthogonal", shape)
+
+    def describe_leaf(self, shape):
+        return _describe_matrix(shape)
 
     def violation(self, w):
         """`max |G - I|` for the smaller Gram matrix `G` of the `(fan_in, out)` view."""

@@ -1,0 +1,405 @@
+"""Layout wrappers: `Stacked` (one constraint per copy) and `OutputFirst`.
+
+A constraint reads its `axis` (and `SpectralNorm`/`Orthogonal` their
+`(fan_in, out)` matrix view) off the leaf it is given. Two common layouts
+break that reading:
+
+* **stacked leaves**: `nn.scan`, `nnx.scan`/`nnx.vmap` and vmapped ensembles
+  stack the parameters of many copies of a layer into one leaf,
+  `(layers, *layer's shape)`. `Stacked(c, stack_axis=0)` applies `c` to
+  every copy on its own;
+* **output-first weights**: Equinox's `Linear.weight` is `(out, in)` and its
+  `Conv.weight` `(out, in, *kernel)`, like PyTorch's. `OutputFirst(c)` shows
+  `c` the leaf with axis 0 moved last, the Flax/Keras `(*fan_in, out)`
+  layout, so `axis="fan_in"` and the matrix view mean "per output unit".
+
+They compose: `Stacked(OutputFirst(c))` for a vmapped Equinox layer.
+
+Both ask the wrapped constraint for `on_leaf_axes`: norm constraints
+translate their `axis` to the leaf's axes and elementwise ones are used as
+they are, so the leaf is projected in place (no `vmap`, no transpose).
+Every other constraint (matrix, stateful, custom) is mapped over the copies
+with `jax.vmap`, or given the moved axes.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import jax
+import jax.numpy as jnp
+
+from optax_constraints.constraints._base import Constraint, FunctionConstraint
+from optax_constraints.constraints._registry import get, serialize
+
+STACK_AXIS_HELP = (
+    "stack_axis must be an int or a non-empty tuple/list of distinct ints (negative"
+    " ints count from the end), naming the leaf's axes that index the copies"
+)
+
+
+def _wrapped(owner: str, constraint) -> Constraint:
+    """A `Constraint` from anything `oc.get` accepts; plain callables are wrapped."""
+    obj = get(constraint)
+    if obj is None:
+        raise TypeError(
+            f"{owner} needs the constraint to apply, e.g. {owner}(oc.MaxNorm(2.0,"
+            " axis='fan_in')); got None."
+        )
+    return obj if isinstance(obj, Constraint) else FunctionConstraint(obj)
+
+
+def _index(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _canonical_stack_axis(stack_axis) -> int | tuple[int, ...]:
+    as_int = _index(stack_axis)
+    if as_int is not None:
+        return as_int
+    if isinstance(stack_axis, (tuple, list)) and stack_axis:
+        ints = tuple(_index(a) for a in stack_axis)
+        if all(a is not None for a in ints) and len(set(ints)) == len(ints):
+            return ints
+    raise ValueError(f"Stacked: {STACK_AXIS_HELP}; got stack_axis={stack_axis!r}.")
+
+
+class Stacked(Constraint):
+    """Applies a constraint to every copy of a stacked leaf on its own.
+
+    `stack_axis` (an int or a tuple of ints, like `jax.vmap`'s `in_axes`)
+    names the leaf's axes that index independent copies: the layers of an
+    `nn.scan`/`nnx.scan`/`nnx.vmap` stack, the members of a vmapped ensemble.
+    `constraint` sees one copy, the leaf without those axes, so its `axis`
+    (`"fan_in"` too) and the `(fan_in, out)` matrix view of
+    `SpectralNorm`/`Orthogonal` refer to the copy's axes.
+
+    Without `Stacked`, a `(layers, in, out)` kernel is ONE array to a
+    constraint: `MaxNorm(axis="fan_in")` would take one norm per output unit
+    over all layers and inputs together, `Orthogonal()` would orthogonalise
+    the `(layers * in, out)` matrix. `oc.routing_report` shows which you got.
+
+    * Norm and elementwise constraints are applied to the whole leaf with
+      their axes translated (`Constraint.on_leaf_axes`), so they cost what
+      the same copies cost as separate leaves; every other constraint is
+      mapped over the copies with `jax.vmap` (nested for several axes).
+    * A stateful `constraint` (`SpectralNorm("power")`) keeps one state per
+      copy: its state stacked along leading axes, one per stack axis (in
+      the leaf's axis order), in `project`'s state like any other.
+    * Inside `project` the wrapped constraint keeps its update form: a
+      `Stacked(NonNeg())` leaf is exactly non-negative after
+      `optax.apply_updates`, and schedules are evaluated at the step.
+    * `init` rejects a leaf without the stack axes, or whose copies the
+      wrapped constraint rejects, naming the leaf.
+
+    Args:
+      constraint: the constraint for one copy: any `oc.Constraint` (custom
+        ones too), anything `oc.get` accepts, or a callable `w -> w`.
+      stack_axis: the leaf's copy axes: an int or a tuple/list of ints,
+        negative ints counting from the end.
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax_constraints as oc
+    >>> c = oc.Stacked(oc.MaxNorm(1.0, axis="fan_in"))
+    >>> kernels = jnp.stack([3.0 * jnp.ones((4, 2)), 0.1 * jnp.ones((4, 2))])  # 2 layers
+    >>> np.asarray(jnp.linalg.norm(c(kernels), axis=1), np.float64).round(4).tolist()
+    [[1.0, 1.0], [0.2, 0.2]]
+    >>> c.describe_leaf((2, 4, 2))
+    '2 x 2 units of 4'
+    >>> oc.deserialize(oc.serialize(c)) == c
+    True
+    """
+
+    def __init__(self, constraint, stack_axis=0):
+        self.constraint = _wrapped("Stacked", constraint)
+        self.stack_axis = _canonical_stack_axis(stack_axis)
+
+    # -- layout --------------------------------------------------------------
+
+    def stack_axes(self, ndim: int) -> tuple[int, ...]:
+        """The stack axes of an `ndim`-d leaf, non-negative and sorted.
+
+        >>> import optax_constraints as oc
+        >>> oc.Stacked(oc.NonNeg(), stack_axis=(-1, 0)).stack_axes(3)
+        (0, 2)
+        """
+        axes = (self.stack_axis,) if isinstance(self.stack_axis, int) else self.stack_axis
+        if any(not -ndim <= a < ndim for a in axes):
+            raise ValueError(
+                f"stack_axis={self.stack_axis!r} is out of range for a leaf with {ndim}"
+                f" dimension(s) (valid: {-ndim}..{ndim - 1})"
+            )
+        resolved = sorted(a % ndim for a in axes)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(
+                f"stack_axis={self.stack_axis!r} names the same dimension twice for a {ndim}-d leaf"
+            )
+        return tuple(resolved)
+
+    def _copy_axes(self, ndim: int) -> tuple[int, ...]:
+        stacked = self.stack_axes(ndim)
+        return tuple(a for a in range(ndim) if a not in stacked)
+
+    def _on_whole_leaf(self, ndim: int) -> Constraint | None:
+        return self.constraint.on_leaf_axes(self._copy_axes(ndim), ndim)
+
+    def _per_copy(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
+        """`fn` mapped over the copies: "leaf" arguments carry the stack axes
+        where the leaf has them, "copy" ones (states) along leading axes."""
+        stacked = self.stack_axes(ndim)
+        # The outermost map takes the first stack axis of the whole leaf; the
+        # i-th map sees i fewer axes, all of them before its own.
+        for i in reversed(range(len(stacked))):
+            at = stacked[i] - i
+
+            def spec(kinds, at=at):
+                if isinstance(kinds, str):
+                    return at if kinds == "leaf" else 0
+                return tuple(at if k == "leaf" else 0 for k in kinds)
+
+            fn = jax.vmap(fn, in_axes=spec(in_kinds), out_axes=spec(out_kinds))
+        return fn
+
+    # -- Constraint ----------------------------------------------------------
+
+    def __call__(self, w):
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None:
+            return whole(w)
+        return self._per_copy(self.constraint, w.ndim, ("leaf",), "leaf")(w)
+
+    def check_leaf(self, shape, dtype):
+        try:
+            stacked = self.stack_axes(len(shape))
+        except ValueError as err:
+            raise ValueError(
+                f"{err}. Stacked needs a leaf with its copies along stack_axis; route"
+                " unstacked leaves (biases of an unstacked layer, embeddings) to another"
+                " label, or give stack_axis the axis that indexes the layers"
+            ) from None
+        copy = tuple(n for a, n in enumerate(shape) if a not in stacked)
+        try:
+            self.constraint.check_leaf(copy, dtype)
+        except ValueError as err:
+            raise ValueError(
+                f"each copy along stack_axis={self.stack_axis!r} has shape {copy}, and"
+                f" {self.constraint!r} rejects it: {str(err).rstrip('.')}"
+            ) from None
+
+    def init_state(self, w):
+        w = jnp.asarray(w)
+        return self._per_copy(self.constraint.init_state, w.ndim, ("leaf",), "copy")(w)
+
+    def apply(self, w, state, step):
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None and state is None:
+            return whole.apply(w, None, step)
+
+        def apply_one(w, state):
+            return self.constraint.apply(w, state, step)
+
+        return self._per_copy(apply_one, w.ndim, ("leaf", "copy"), ("leaf", "copy"))(w, state)
+
+    @property
+    def has_update_form(self) -> bool:
+        return self.constraint.has_update_form
+
+    def project_update(self, param, update, state, step):
+        if not self.has_update_form:
+            return super().project_update(param, update, state, step)
+        whole = self._on_whole_leaf(param.ndim)
+        if whole is not None and state is None:
+            return whole.project_update(param, update, None, step)
+
+        def one(param, update, state):
+            return self.constraint.project_update(param, update, state, step)
+
+        kinds = ("leaf", "leaf", "copy")
+        return self._per_copy(one, param.ndim, kinds, ("leaf", "copy"))(param, update, state)
+
+    def violation(self, w):
+        """The largest violation over the copies."""
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None:
+            return whole.violation(w)
+        per_copy = self._per_copy(self.constraint.violation, w.ndim, ("leaf",), "copy")(w)
+        return jnp.max(per_copy, initial=0.0)
+
+    def at_step(self, step):
+        inner = self.constraint.at_step(step)
+        return self if inner is self.constraint else Stacked(inner, self.stack_axis)
+
+    def on_leaf_axes(self, axes, ndim):
+        # The copies of the sub-array are copies of the leaf, too.
+        stacked = self.stack_axes(len(axes))
+        copy = tuple(a for i, a in enumerate(axes) if i not in stacked)
+        return self.constraint.on_leaf_axes(copy, ndim)
+
+    def describe_leaf(self, shape):
+        shape = tuple(shape)
+        stacked = self.stack_axes(len(shape))
+        copy_axes = self._copy_axes(len(shape))
+        if self.constraint.on_leaf_axes(copy_axes, len(shape)) is self.constraint:
+            return self.constraint.describe_leaf(shape)  # layout-free (elementwise)
+        copies = " x ".join(str(shape[a]) for a in stacked)
+        return f"{copies} x {self.constraint.describe_leaf(tuple(shape[a] for a in copy_axes))}"
+
+    # -- config and value semantics -------------------------------------------
+
+    def get_config(self):
+        axis = list(self.stack_axis) if isinstance(self.stack_axis, tuple) else self.stack_axis
+        return {"constraint": serialize(self.constraint), "stack_axis": axis}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def _key(self):
+        axis = self.stack_axis
+        return (type(self), self.constraint, (axis,) if isinstance(axis, int) else axis)
+
+    def __repr__(self):
+        return f"Stacked({self.constraint!r}, stack_axis={self.stack_axis!r})"
+
+
+def _output_last(w):
+    return jnp.moveaxis(w, 0, -1)
+
+
+def _output_first(w):
+    return jnp.moveaxis(w, -1, 0)
+
+
+def _moved_shape(shape):
+    shape = tuple(shape)
+    return shape[1:] + shape[:1]
+
+
+class OutputFirst(Constraint):
+    """For weights whose output axis comes first: `(out, *fan_in)`.
+
+    Equinox's `nn.Linear.weight` is `(out, in)` and its `nn.Conv` weights
+    `(out, in/groups, *kernel)`, as in PyTorch (and in weights converted
+    from it). Flax and Keras put the output axis last, `(*fan_in, out)`,
+    and that is what `axis="fan_in"` and the `(fan_in, out)` matrix view of
+    `SpectralNorm`/`Orthogonal` assume. `OutputFirst(c)` shows `c` the leaf
+    with axis 0 moved last, so `OutputFirst(MaxNorm(2.0, axis="fan_in"))` caps
+    each output unit's norm on an Equinox weight, as `MaxNorm(2.0,
+    axis="fan_in")` does on a Flax kernel; integer axes of `c` count in that
+    moved layout too.
+
+    Norm and elementwise constraints are applied to the leaf in place, their
+    axes translated (no transpose); matrix, stateful and custom constraints
+    get the moved array (`jnp.moveaxis`), and their results are moved back.
+    For a vmapped Equinox layer, `(layers, out, in)`, use
+    `Stacked(OutputFirst(c))`.
+
+    Args:
+      constraint: the constraint for the `(*fan_in, out)` view: any
+        `oc.Constraint`, anything `oc.get` accepts, or a callable `w -> w`.
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax_constraints as oc
+    >>> weight = jnp.array([[3.0, 4.0], [0.3, 0.4]])  # eqx.nn.Linear(2, 2).weight: (out, in)
+    >>> c = oc.OutputFirst(oc.MaxNorm(1.0, axis="fan_in"))
+    >>> np.asarray(jnp.linalg.norm(c(weight), axis=1), np.float64).round(4).tolist()  # per output
+    [1.0, 0.5]
+    >>> c.describe_leaf((8, 3, 5, 5))  # eqx.nn.Conv2d(3, 8, 5).weight
+    '8 units of 75'
+    """
+
+    def __init__(self, constraint):
+        self.constraint = _wrapped("OutputFirst", constraint)
+
+    def _on_whole_leaf(self, ndim: int) -> Constraint | None:
+        return self.on_leaf_axes(tuple(range(ndim)), ndim)
+
+    def __call__(self, w):
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None:
+            return whole(w)
+        return _output_first(self.constraint(_output_last(w)))
+
+    def check_leaf(self, shape, dtype):
+        if len(shape) < 1:
+            raise ValueError(
+                "OutputFirst needs a leaf with an output axis (axis 0); this one is a"
+                " scalar. Route scalars to another label"
+            )
+        try:
+            self.constraint.check_leaf(_moved_shape(shape), dtype)
+        except ValueError as err:
+            raise ValueError(
+                f"with its output axis moved last the leaf has shape"
+                f" {_moved_shape(shape)}, and {self.constraint!r} rejects it:"
+                f" {str(err).rstrip('.')}"
+            ) from None
+
+    def init_state(self, w):
+        return self.constraint.init_state(_output_last(jnp.asarray(w)))
+
+    def apply(self, w, state, step):
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None and state is None:
+            return whole.apply(w, None, step)
+        out, state = self.constraint.apply(_output_last(w), state, step)
+        return _output_first(out), state
+
+    @property
+    def has_update_form(self) -> bool:
+        return self.constraint.has_update_form
+
+    def project_update(self, param, update, state, step):
+        if not self.has_update_form:
+            return super().project_update(param, update, state, step)
+        whole = self._on_whole_leaf(param.ndim)
+        if whole is not None and state is None:
+            return whole.project_update(param, update, None, step)
+        new_update, state = self.constraint.project_update(
+            _output_last(param), _output_last(update), state, step
+        )
+        return _output_first(new_update), state
+
+    def violation(self, w):
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None:
+            return whole.violation(w)
+        return self.constraint.violation(_output_last(w))
+
+    def at_step(self, step):
+        inner = self.constraint.at_step(step)
+        return self if inner is self.constraint else OutputFirst(inner)
+
+    def on_leaf_axes(self, axes, ndim):
+        # The inner constraint's axis i is the sub-array's axis i + 1 (the
+        # output axis, 0, comes last).
+        return self.constraint.on_leaf_axes(tuple(axes[1:]) + tuple(axes[:1]), ndim)
+
+    def describe_leaf(self, shape):
+        return self.constraint.describe_leaf(_moved_shape(shape))
+
+    def get_config(self):
+        return {"constraint": serialize(self.constraint)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def _key(self):
+        return (type(self), self.constraint)
+
+    def __repr__(self):
+        return f"OutputFirst({self.constraint!r})"
