@@ -188,7 +188,8 @@ class NonNeg(Constraint):
         return jnp.where(param + update <= 0, -param, update), state
 
     def violation(self, w):
-        return jnp.maximum(-jnp.min(jnp.asarray(w), initial=0), 0).astype(jnp.float32)
+        w = _float(w)
+        return jnp.maximum(-jnp.min(w, initial=0), 0)
 
 
 class Clip(Constraint):
