@@ -417,10 +417,10 @@ def power_iteration_until_settled(
 
     The iterations of `power_iteration`, at least `min_iters` and at most
     `max_iters`, stopping after the first one whose input `u` had a relative
-    residual as an eigenvector of :math:`B = W^\top W` below `rtol`:
+    residual as an eigenvector of :math:`B = W^\\top W` below `rtol`:
 
-    .. math:: \\|B u - \rho u\\| \\le \\mathrm{rtol}\\, \rho, \\qquad
-       \rho = \\|W u\\|^2,
+    .. math:: \\|B u - \\rho u\\| \\le \\mathrm{rtol}\\, \\rho, \\qquad
+       \\rho = \\|W u\\|^2,
 
     (computed from the products the iteration makes anyway: no extra pass).
     The returned vector is one iteration past that `u`.
@@ -430,10 +430,10 @@ def power_iteration_until_settled(
     * :math:`\\sigma \\le \\sigma_{\\max}` always (up to rounding): power
       iteration only ever underestimates, so rescaling by it can overshoot
       the bound, never undershoot it.
-    * A small residual means :math:`\rho` is within
-      :math:`\\mathrm{rtol}\\,\rho` of *an* eigenvalue of :math:`B`, in
+    * A small residual means :math:`\\rho` is within
+      :math:`\\mathrm{rtol}\\,\\rho` of *an* eigenvalue of :math:`B`, in
       practice a weighted mean of the top ones the vector has not yet
-      separated. A degenerate or clustered top (:math:`\\sigma_1 \approx
+      separated. A degenerate or clustered top (:math:`\\sigma_1 \\approx
       \\sigma_2`) makes the *vector* converge slowly, but not the estimate:
       every singular value in the cluster is close to :math:`\\sigma_{\\max}`.
       The error is largest for a top cluster of width about 1-2%, which the
