@@ -136,7 +136,16 @@ def _check_output_shape(constraint, shape, dtype, where: str) -> None:
     """A user's constraint must map a leaf to an array of the same shape."""
     try:
         out = jax.eval_shape(constraint, jax.ShapeDtypeStruct(shape, dtype))
-    except TypeError:  # not abstractly traceable (e.g. NumPy inside): checked when called
+    except _TRACING_ERRORS as err:
+        # NumPy on a tracer, or Python control flow on its values: this is
+        # what `jit(tx.update)` would raise, without the leaf or the fix.
+        raise TypeError(
+            f"{constraint!r} cannot be traced for {where}: it converts a traced array to"
+            f" NumPy ({type(err).__name__}), which fails under jax.jit, where project's"
+            " update runs. Write it with jax.numpy (jnp.abs, jnp.clip, jnp.where instead of"
+            " np.abs, np.clip, Python if/float() on values)."
+        ) from err
+    except TypeError:  # e.g. a callable that needs more arguments: checked when called
         return
     got = getattr(out, "shape", None)
     if got != shape:
@@ -145,6 +154,14 @@ def _check_output_shape(constraint, shape, dtype, where: str) -> None:
             f"{constraint!r} returns {returned} for {where}: a constraint must return an array of the leaf's shape"
             " (w -> projected w), not a reduction or a pytree."
         )
+
+
+_TRACING_ERRORS = (
+    jax.errors.TracerArrayConversionError,
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
 
 
 def routing_report(params: PyTree, constraints: Constraints, param_labels=None) -> str:

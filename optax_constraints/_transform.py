@@ -272,7 +272,11 @@ def _routes(params, constraints, param_labels) -> list[Route]:
 
 
 def apply_constraints(
-    params: PyTree, constraints: Constraints, param_labels: PyTree | None = None
+    params: PyTree,
+    constraints: Constraints,
+    param_labels: PyTree | None = None,
+    *,
+    step: int | jax.Array | None = None,
 ) -> PyTree:
     """Projects a parameter tree directly: each constrained leaf `w` -> `C(w)`.
 
@@ -281,12 +285,27 @@ def apply_constraints(
     in float32 and rounded once. Stateful constraints use their own exact form
     (`__call__`).
 
+    Args:
+      params: the parameter pytree.
+      constraints: as for `project`.
+      param_labels: as for `project`.
+      step: the step at which scheduled hyper-parameters are evaluated
+        (`constraint.at_step(step)`); default 0, the schedule's start. After
+        loading a checkpoint, pass the optimizer's step (e.g.
+        `ProjectState.count`) to project onto the bound training had reached.
+
     >>> import jax.numpy as jnp
+    >>> import optax
     >>> import optax_constraints as oc
     >>> oc.apply_constraints({"w": jnp.array([-1.0, 2.0])}, oc.NonNeg())
     {'w': Array([0., 2.], dtype=float32)}
+    >>> shrinking = oc.MaxNorm(optax.linear_schedule(4.0, 1.0, 100), axis=None)
+    >>> out = oc.apply_constraints({"w": jnp.array([3.0, 0.0])}, shrinking, step=100)
+    >>> round(float(jnp.linalg.norm(out["w"])), 4)  # the bound at step 100
+    1.0
     """
     routes = _routes(params, constraints, param_labels)
+    step = 0 if step is None else step
     flat, treedef = jax.tree.flatten(params)
     # bfloat16/float16 leaves project through float32 temporaries: those are
     # ordered in groups like `project`'s (81 MB -> 9 MB of temporaries on the
@@ -297,7 +316,8 @@ def apply_constraints(
         if r.constraint is not None:
             w = flat[r.leaf.index]
             low = compute_dtype(w.dtype) != w.dtype
-            out = r.constraint(order.after_previous_group(w) if low else w).astype(w.dtype)
+            c = r.constraint.at_step(step)
+            out = c(order.after_previous_group(w) if low else w).astype(w.dtype)
             if low:
                 order.add(out)
             flat[r.leaf.index] = out
@@ -305,26 +325,48 @@ def apply_constraints(
 
 
 def constraint_violations(
-    params: PyTree, constraints: Constraints, param_labels: PyTree | None = None
+    params: PyTree,
+    constraints: Constraints,
+    param_labels: PyTree | None = None,
+    *,
+    step: int | jax.Array | None = None,
 ) -> dict[Hashable, jax.Array]:
     """Per label, the largest violation over its leaves (0 when feasible).
 
     Pure and jittable: cheap enough to log every step. The measure is each
     constraint's `violation(w)`: the norm excess for `MaxNorm`, the most
-    negative entry for `NonNeg`, `max |w - C(w)|` by default.
+    negative entry for `NonNeg`, `max |w - C(w)|` by default. It is computed
+    in the leaf's compute dtype (float32 for float32 and lower precision,
+    float64 for float64 leaves under `jax_enable_x64`).
+
+    Args:
+      params: the parameter pytree.
+      constraints: as for `project`.
+      param_labels: as for `project`.
+      step: the step at which scheduled hyper-parameters are evaluated;
+        default 0, the schedule's start. While training, pass the
+        optimizer's step count (the value `project` used on the last update
+        is `ProjectState.count - 1`).
 
     >>> import jax.numpy as jnp
+    >>> import optax
     >>> import optax_constraints as oc
     >>> params = {"kernel": jnp.array([[3.0], [4.0]]), "bias": jnp.array([-0.5])}
     >>> v = oc.constraint_violations(params, {"k": oc.MaxNorm(2.0), "b": oc.NonNeg()},
     ...                              {"kernel": "k", "bias": "b"})
     >>> {k: round(float(x), 3) for k, x in v.items()}
     {'b': 0.5, 'k': 3.0}
+    >>> shrinking = oc.MaxNorm(optax.linear_schedule(6.0, 1.0, 100))
+    >>> [float(oc.constraint_violations(params, shrinking, step=s)["__all__"]) for s in (0, 100)]
+    [0.0, 4.0]
     """
+    step = 0 if step is None else step
     out: dict[Hashable, jax.Array] = {}
     for r in _routes(params, constraints, param_labels):
         if r.constraint is None:
             continue
-        v = jnp.asarray(r.constraint.violation(r.leaf.value), jnp.float32)
+        w = r.leaf.value
+        v = r.constraint.at_step(step).violation(w)
+        v = jnp.asarray(v, compute_dtype(getattr(w, "dtype", jnp.float32)))
         out[r.label] = jnp.maximum(out[r.label], v) if r.label in out else v
     return dict(sorted(out.items(), key=lambda kv: repr(kv[0])))

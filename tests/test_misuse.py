@@ -104,6 +104,7 @@ TRIGGERS = {
     "wrapper_without_constraint": lambda: oc.Stacked(None),
     "non_float_leaf": lambda: init(oc.NonNeg(), tree={"step": jnp.zeros(2, jnp.int32)}),
     "custom_wrong_shape": lambda: init(lambda w: jnp.sum(w)),
+    "custom_numpy": lambda: init(np.abs),
     "call_out_of_range": lambda: oc.MaxNorm(axis=3)(jnp.ones((2, 2))),
     "call_on_a_tree": lambda: oc.MaxNorm()(params()),
     # -- labels
@@ -190,6 +191,20 @@ def test_leaf_errors_name_the_path_and_shape(misuse):
         TRIGGERS[misuse]()
     message = str(info.value)
     assert re.search(r"at '[^']+' \(shape \(", message), message
+
+
+@pytest.mark.parametrize(
+    "fn", [np.abs, lambda w: np.clip(w, 0.0, 1.0), lambda w: w * float(np.max(w))], ids=repr
+)
+def test_numpy_constraints_fail_at_init_naming_the_leaf_and_jax_numpy(fn):
+    # Without the check, jit(tx.update) raised JAX's raw TracerArrayConversionError
+    # (or ConcretizationTypeError), naming neither the leaf nor the fix.
+    for call in (
+        lambda: oc.project({"k": fn}, {"dense": {"kernel": "k", "bias": None}}).init(params()),
+        lambda: oc.apply_constraints(params(), {"k": fn}, {"dense": {"kernel": "k", "bias": None}}),
+    ):
+        with pytest.raises(TypeError, match=r"at 'dense/kernel' \(shape \(3, 2\).*jax\.numpy"):
+            call()
 
 
 # --- the "not caught" table ------------------------------------------------------

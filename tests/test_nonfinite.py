@@ -150,7 +150,7 @@ def test_power_iteration_state_recovers_after_a_nan_step():
         new = optax.apply_updates(params, updates)["w"]
         assert np.all(np.isfinite(np.asarray(new)))
         assert np.all(np.isfinite(np.asarray(state.constraint_states["w"])))
-    # One power iteration per step: after a few steps the estimate is accurate again.
+    # The power method restarts from the fallback vector and settles again.
     assert np.linalg.svd(np.asarray(new), compute_uv=False)[0] <= 1.0 + 1e-3
 
 

@@ -284,3 +284,47 @@ def test_from_config_get_config_round_trip(constraint):
 def test_get_config_is_json_serializable(constraint):
     config = constraint.get_config()
     assert json.loads(json.dumps(config)) == config
+
+
+# --- what can and cannot be a config -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", [np.float32(2), np.float64(2.0), np.int64(2), np.asarray(2.0), jnp.asarray(2.0)]
+)
+def test_serialize_converts_numpy_and_0d_array_numbers(value):
+    c = oc.MaxNorm(value, axis=np.int64(1))
+    config = oc.serialize(c)
+    assert config["config"] == {"max_value": 2, "axis": 1}
+    assert type(config["config"]["max_value"]) in (int, float)
+    rebuilt = oc.deserialize(json.loads(json.dumps(config)))
+    assert rebuilt == oc.MaxNorm(2.0, axis=1)
+    w = example_kernel()
+    np.testing.assert_array_equal(rebuilt(w), oc.MaxNorm(2.0, axis=1)(w))
+
+
+def test_serialize_rejects_a_schedule_naming_it_and_the_fix():
+    import optax
+
+    c = oc.MaxNorm(optax.linear_schedule(4.0, 1.0, 100))
+    with pytest.raises(TypeError, match=r"MaxNorm.*max_value.*schedule.*at_step"):
+        oc.serialize(c)
+    # The suggested fix works: the bound at one step is a plain config.
+    config = json.loads(json.dumps(oc.serialize(c.at_step(100))))
+    assert oc.deserialize(config) == oc.MaxNorm(1.0)
+
+
+def test_serialize_rejects_arrays_that_are_not_numbers():
+    c = oc.MaxNorm(jnp.asarray([1.0, 2.0]))
+    with pytest.raises(TypeError, match=r"MaxNorm.*max_value.*shape \(2,\).*number"):
+        oc.serialize(c)
+
+
+def test_serialize_rejects_tracers():
+    import jax
+
+    def inside_jit(m):
+        return oc.serialize(oc.MaxNorm(m))
+
+    with pytest.raises(TypeError, match=r"max_value.*traced"):
+        jax.jit(inside_jit)(2.0)

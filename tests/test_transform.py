@@ -426,6 +426,68 @@ def test_schedule_changes_the_bound_with_the_step_count():
     assert norms[0] == 1.0  # the bound really moved from 4 down to 1
 
 
+# Every schedulable hyper-parameter of every class: (start, end) of a linear
+# schedule over 10 steps. Start, end and midpoint are exact in float32, so the
+# scheduled constraint at steps 0, 5 and 10 must act like the constant one.
+SCHEDULED = {
+    oc.MaxNorm: {"max_value": (4.0, 1.0)},
+    oc.MinMaxNorm: {"min_value": (0.5, 1.5), "max_value": (1.0, 2.0), "rate": (1.0, 0.5)},
+    oc.Clip: {"min_value": (-1.0, -0.25), "max_value": (1.0, 0.5)},
+    oc.CenterAround: {"ref_value": (0.0, 1.0)},
+    oc.L1Ball: {"max_value": (4.0, 1.0)},
+    oc.Simplex: {"scale": (1.0, 3.0)},
+    oc.SpectralNorm: {"max_value": (4.0, 1.0)},
+}
+
+
+def test_every_schedulable_class_is_covered():
+    from helpers import exported_constraint_classes
+
+    assert {c for c in exported_constraint_classes() if c.schedulable} == set(SCHEDULED)
+    for cls, hyper in SCHEDULED.items():
+        assert set(hyper) == set(cls.schedulable), cls
+
+
+@pytest.mark.parametrize("cls", list(SCHEDULED), ids=lambda c: c.__name__)
+def test_apply_constraints_and_violations_evaluate_schedules_at_step(cls):
+    hyper = SCHEDULED[cls]
+    scheduled = cls(**{k: optax.linear_schedule(a, b, 10) for k, (a, b) in hyper.items()})
+    params = {"k": jnp.asarray(np.random.default_rng(5).normal(size=(6, 3)) * 3 + 1, jnp.float32)}
+    jit_violations = jax.jit(lambda p, s: oc.constraint_violations(p, scheduled, step=s))
+    for step, frac in ((None, 0.0), (0, 0.0), (5, 0.5), (10, 1.0), (jnp.asarray(5), 0.5)):
+        constant = cls(**{k: a + (b - a) * frac for k, (a, b) in hyper.items()})
+        want = oc.apply_constraints(params, constant)["k"]
+        got = oc.apply_constraints(params, scheduled, step=step)["k"]
+        # The same formula with the bound as a runtime array instead of a
+        # compile-time constant: equal up to a few float32 roundings.
+        atol = 8 * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=f"step={step}")
+        want_v = float(oc.constraint_violations(params, constant)["__all__"])
+        assert want_v > 0, "the params should violate every bound"
+        for got_v in (
+            oc.constraint_violations(params, scheduled, step=step)["__all__"],
+            jit_violations(params, 0 if step is None else step)["__all__"],
+        ):
+            scale = 8 * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(params["k"])))
+            np.testing.assert_allclose(float(got_v), want_v, rtol=0, atol=scale)
+
+
+def test_scheduled_max_norm_violation_at_step_100():
+    # The example: a unit of norm 3, bound 4 -> 1 over 100 steps.
+    c = oc.MaxNorm(optax.linear_schedule(4.0, 1.0, 100))
+    params = {"w": jnp.asarray([[3.0], [0.0]])}
+    assert float(oc.constraint_violations(params, c)["__all__"]) == 0.0
+    assert float(oc.constraint_violations(params, c, step=100)["__all__"]) == 2.0
+    assert float(oc.constraint_violations(params, c, step=50)["__all__"]) == 0.5
+    # What `project` uses on its k-th update (count k) is what step=k gives.
+    state = oc.project(c).init(params)
+    for _ in range(100):
+        u, state = oc.project(c).update(jax.tree.map(jnp.zeros_like, params), state, params)
+    params = optax.apply_updates(params, u)  # projected with the bound at step 99
+    assert float(oc.constraint_violations(params, c, step=99)["__all__"]) <= 1e-6
+    np.testing.assert_allclose(float(jnp.linalg.norm(params["w"])), float(c.at_step(99).max_value))
+
+
 # --- violations -------------------------------------------------------------------
 
 

@@ -202,7 +202,8 @@ class NonNeg(Constraint):
         return jnp.where(param + update <= 0, -param, update), state
 
     def violation(self, w):
-        return jnp.maximum(-jnp.min(jnp.asarray(w), initial=0), 0).astype(jnp.float32)
+        w = _float(w)
+        return jnp.maximum(-jnp.min(w, initial=0), 0)
 
     def on_leaf_axes(self, axes, ndim):
         return self  # elementwise: the layout does not matter

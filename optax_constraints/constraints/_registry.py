@@ -12,6 +12,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
+
 from optax_constraints.constraints._base import Constraint, FunctionConstraint
 
 MODULE = "optax_constraints"
@@ -69,7 +72,13 @@ def valid_names() -> list[str]:
 
 
 def serialize(constraint: Constraint) -> dict[str, Any]:
-    """A constraint as a Keras-shaped dict.
+    """A constraint as a Keras-shaped dict of plain JSON data.
+
+    NumPy scalars and 0-d arrays in the config become Python numbers, so
+    `json.dumps` takes the result. Raises `TypeError`, naming the
+    hyper-parameter, for what cannot be a config: an Optax schedule (serialize
+    `constraint.at_step(step)` instead), a traced value, an array that is not a
+    single number, a wrapped function.
 
     >>> import optax_constraints as oc
     >>> oc.serialize(oc.MaxNorm(3.0, axis=[0, 1]))
@@ -88,12 +97,55 @@ def serialize(constraint: Constraint) -> dict[str, Any]:
         )
     cls = type(constraint)
     registered = _registered_name(cls)
+    config = {
+        name: _config_value(constraint, name, value)
+        for name, value in constraint.get_config().items()
+    }
     return {
         "module": MODULE if registered is None and cls.__name__ in _BUILTINS else cls.__module__,
         "class_name": cls.__name__,
-        "config": constraint.get_config(),
+        "config": config,
         "registered_name": registered,
     }
+
+
+def _config_value(constraint: Constraint, name: str, value):
+    """`value` as plain JSON data (NumPy and 0-d array numbers -> Python), or TypeError."""
+    where = f"oc.serialize cannot write {type(constraint).__name__}'s {name}={value!r}"
+    if value is None or (
+        isinstance(value, bool | int | float | str) and not isinstance(value, np.generic)
+    ):
+        return value
+    if isinstance(value, dict):
+        return {k: _config_value(constraint, f"{name}[{k!r}]", v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_config_value(constraint, f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{where}: it is a traced value (serialize runs under jax.jit or a transform"
+            " here). Serialize the constraint outside the traced function."
+        )
+    if isinstance(value, np.generic | np.ndarray | jax.Array):
+        if np.ndim(value) == 0 and np.asarray(value).dtype.kind in "biuf":
+            return np.asarray(value).item()  # a NumPy or 0-d array number -> Python
+        raise TypeError(
+            f"{where}: an array of shape {np.shape(value)} (dtype"
+            f" {np.asarray(value).dtype}) is not a config value; a config holds a number"
+            " here. Pass a Python number to serialize the constraint."
+        )
+    if callable(value):
+        what = "an Optax schedule" if name in constraint.schedulable else "a function"
+        raise TypeError(
+            f"{where}: {what} is code, not a config value. Serialize the constraint at one"
+            f" step instead (oc.serialize(constraint.at_step(step)) writes the number the"
+            " schedule gives there), or save the schedule's own arguments (e.g. those of"
+            " optax.linear_schedule) next to the config and rebuild it after"
+            " oc.deserialize."
+        )
+    raise TypeError(
+        f"{where}: a {type(value).__name__} is not JSON data. Make get_config() return"
+        " numbers, strings, None, lists and dicts (and from_config rebuild the object)."
+    )
 
 
 def _lookup(name: str, custom_objects: dict[str, Any] | None):

@@ -10,12 +10,17 @@ from optax_constraints.projections._axis import AxisSpec as AxisSpec
 from optax_constraints.projections._axis import canonical_axis as canonical_axis
 from optax_constraints.projections._axis import resolve_axis as resolve_axis
 from optax_constraints.projections._matrix import NEWTON_SCHULZ_ITERS as NEWTON_SCHULZ_ITERS
+from optax_constraints.projections._matrix import POWER_MAX_ITERS as POWER_MAX_ITERS
+from optax_constraints.projections._matrix import POWER_SETTLED as POWER_SETTLED
 from optax_constraints.projections._matrix import matrix_view as matrix_view
 from optax_constraints.projections._matrix import (
     orthogonal_newton_schulz as orthogonal_newton_schulz,
 )
 from optax_constraints.projections._matrix import orthogonal_svd as orthogonal_svd
 from optax_constraints.projections._matrix import power_iteration as power_iteration
+from optax_constraints.projections._matrix import (
+    power_iteration_until_settled as power_iteration_until_settled,
+)
 from optax_constraints.projections._matrix import spectral_norm_svd as spectral_norm_svd
 from optax_constraints.projections._matrix import spectral_rescale as spectral_rescale
 from optax_constraints.projections._norms import EPSILON as EPSILON

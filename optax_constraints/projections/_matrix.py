@@ -392,6 +392,123 @@ def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
     return sigma, u, v
 
 
+POWER_SETTLED = 1e-2
+"""Relative residual `||W^T W u - rho u|| / rho` below which the power iteration stops."""
+
+POWER_MAX_ITERS = 100
+"""Most power iterations `power_iteration_until_settled` runs per call by default."""
+
+
+def _norm(x):
+    # A 2-norm that neither overflows nor flushes to 0 (see `_normalize`).
+    peak = jnp.max(jnp.abs(x))
+    scale = jnp.where(peak > 0, peak, 1)
+    return scale * jnp.sqrt(jnp.sum((x / scale) ** 2))
+
+
+def power_iteration_until_settled(
+    w2d: jax.Array,
+    u: jax.Array,
+    min_iters: int = 1,
+    max_iters: int = POWER_MAX_ITERS,
+    rtol: float = POWER_SETTLED,
+):
+    """Power iteration that runs until its estimate of `sigma_max` has settled.
+
+    The iterations of `power_iteration`, at least `min_iters` and at most
+    `max_iters`, stopping after the first one whose input `u` had a relative
+    residual as an eigenvector of :math:`B = W^\\top W` below `rtol`:
+
+    .. math:: \\|B u - \\rho u\\| \\le \\mathrm{rtol}\\, \\rho, \\qquad
+       \\rho = \\|W u\\|^2,
+
+    (computed from the products the iteration makes anyway: no extra pass).
+    The returned vector is one iteration past that `u`.
+
+    What this guarantees, and what not:
+
+    * :math:`\\sigma \\le \\sigma_{\\max}` always (up to rounding): power
+      iteration only ever underestimates, so rescaling by it can overshoot
+      the bound, never undershoot it.
+    * A small residual means :math:`\\rho` is within
+      :math:`\\mathrm{rtol}\\,\\rho` of *an* eigenvalue of :math:`B`, in
+      practice a weighted mean of the top ones the vector has not yet
+      separated. A degenerate or clustered top (:math:`\\sigma_1 \\approx
+      \\sigma_2`) makes the *vector* converge slowly, but not the estimate:
+      every singular value in the cluster is close to :math:`\\sigma_{\\max}`.
+      The error is largest for a top cluster of width about 1-2%, which the
+      iteration neither resolves nor can tell from one value.
+    * Not guaranteed: that the eigenvalue found is the largest. A vector with
+      (numerically) no component along the top singular vector stays blind to
+      it; only an SVD certifies :math:`\\sigma_{\\max}`.
+
+    Measured in float32 (`python -m benchmarks.power_method`: cold starts
+    from 20 random unit vectors, `max_iters=100`), the largest relative
+    error of :math:`\\sigma`: 5.1e-4 on 64x32 Gaussian matrices, 9.2e-3 on
+    384x384, 5.6e-3 on 1024x256 and 5.3e-3 on 1024x1024 ones (the edge of
+    the Marchenko-Pastur bulk: many singular values near the top), 1.8e-4
+    for a doubly degenerate top, 1.0e-2 for :math:`\\sigma_2/\\sigma_1 =
+    0.99`, 1.2e-2 for 32 values spread over `[0.98, 1]`, 1.25e-2 for 8 over
+    `[0.97, 1]` (the worst case: a cluster the iteration does not resolve).
+    A warm `u` (the previous step's) settles after one iteration once
+    training moves slowly, so the usual cost is that of one iteration.
+
+    The loop runs on `stop_gradient(w2d)`; the returned `sigma = v^T W u` is
+    differentiable in `w2d` with `u`, `v` fixed, which is the derivative of
+    :math:`\\sigma_{\\max}` at convergence (for a simple top singular value),
+    so reverse mode works although the loop is a `lax.while_loop`.
+
+    Args:
+      w2d: a 2-D array (use `matrix_view` on kernels).
+      u: current estimate of the top right singular vector, shape `(n,)`.
+      min_iters: iterations always run (a Python int >= 1).
+      max_iters: the most iterations (a Python int >= min_iters).
+      rtol: the relative residual at which the estimate counts as settled.
+
+    Returns:
+      `(sigma, u_new, v, iters)`: the estimate, the right (`(n,)`) and left
+      (`(m,)`) vectors, and the number of iterations run (int32).
+
+    >>> import jax.numpy as jnp
+    >>> from optax_constraints.projections import power_iteration_until_settled
+    >>> from optax_constraints.projections import power_iteration
+    >>> w = jnp.array([[3.0, 0.0], [0.0, 2.9]])  # a small gap: slow to separate
+    >>> u0 = jnp.ones(2) / 2**0.5
+    >>> round(float(power_iteration(w, u0, 1)[0]), 4)  # one iteration
+    2.9521
+    >>> sigma, u, v, iters = power_iteration_until_settled(w, u0)
+    >>> round(float(sigma), 2), 1 < int(iters) < 100
+    (3.0, True)
+    """
+    for name, value, low in (("min_iters", min_iters, 1), ("max_iters", max_iters, min_iters)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            raise ValueError(f"{name} must be a Python int >= {low}; got {name}={value!r}.")
+    w2d = jnp.asarray(w2d)
+    w = jax.lax.stop_gradient(w2d)
+    u = jnp.asarray(u, w.dtype)
+    ones_m = jnp.full((w.shape[0],), 1 / math.sqrt(max(w.shape[0], 1)), w.dtype)
+    ones_n = jnp.full((w.shape[1],), 1 / math.sqrt(max(w.shape[1], 1)), w.dtype)
+
+    def unsettled(carry):
+        _, _, iters, settled = carry
+        return (iters < min_iters) | ((iters < max_iters) & ~settled)
+
+    def one_iteration(carry):
+        u, _, iters, _ = carry
+        y = w @ u
+        v = _normalize(y, ones_m)
+        norm_y = v @ y  # ||W u||, without squaring y
+        z = w.T @ v  # B u / ||W u||
+        # ||B u - rho u|| / rho = ||z - ||Wu|| u|| / ||Wu||. `~(a > b)` also
+        # settles a NaN kernel at once instead of iterating max_iters times.
+        settled = ~(_norm(z - norm_y * u) > rtol * norm_y)
+        return _normalize(z, ones_n), v, iters + 1, settled
+
+    init = (u, ones_m, jnp.zeros([], jnp.int32), jnp.zeros([], bool))
+    u, v, iters, _ = jax.lax.while_loop(unsettled, one_iteration, init)
+    return v @ (w2d @ u), u, v, iters
+
+
 @projection
 def spectral_rescale(w: jax.Array, max_value, sigma) -> jax.Array:
     """Scales the whole kernel down by `max(1, sigma / max_value)`.

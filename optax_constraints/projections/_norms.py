@@ -101,6 +101,8 @@ def projection(fn: Callable) -> Callable:
             dtype = w.dtype
             with branch_on_overflow(branch):  # part of the cache key: see `unit_norms`
                 out = fn(w.astype(compute_dtype(dtype)), **static, **dynamic)
+            # A float64 array hyper-parameter (x64) must not promote a float32 leaf.
+            out = out.astype(compute_dtype(dtype))
             return out.astype(dtype) if dtype in _LOW_PRECISION else out
 
         return jax.jit(run)

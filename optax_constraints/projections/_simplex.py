@@ -77,7 +77,8 @@ def _threshold(v, scale, axes):
 
     def count_and_next(theta):
         above = v > theta
-        count = jnp.sum(above, axis=axes, keepdims=True)
+        # int32 like the loop's carry (a sum of booleans is int64 under x64).
+        count = jnp.sum(above, axis=axes, keepdims=True, dtype=jnp.int32)
         total = jnp.sum(jnp.where(above, v, 0), axis=axes, keepdims=True)
         # No entry above theta: theta is the largest entry (scale 0) or NaN.
         return count, jnp.where(count > 0, (total - scale) / count.astype(v.dtype), theta)
