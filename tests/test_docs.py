@@ -52,4 +52,3 @@ def test_every_public_symbol_has_an_api_entry():
     symbols = public(oc) | public(oc.projections) | public(oc.constraints)
     missing = sorted(name for name, obj in symbols.items() if not any(obj is d for d in on_site))
     assert not missing, f"add these to a page in docs/api/: {missing}"
-
