@@ -17,6 +17,10 @@ Layers, each importing only the ones above it:
 """
 
 from optax_constraints import projections as projections
+from optax_constraints._declared import DeclaredLabels as DeclaredLabels
+from optax_constraints._declared import constraint_metadata as constraint_metadata
+from optax_constraints._declared import declared as declared
+from optax_constraints._declared import with_constraint as with_constraint
 from optax_constraints._labels import glob_match as glob_match
 from optax_constraints._labels import label_by_path as label_by_path
 from optax_constraints._routing import routing_report as routing_report
