@@ -212,7 +212,7 @@ def with_constraint(init_fn: Callable, constraint) -> Callable:
     >>> nn.unbox(params)["kernel"].shape
     (3, 2)
     """
-    if not callable(init_fn):
+    if not callable(init_fn) or isinstance(init_fn, C.Constraint):
         raise TypeError(
             f"with_constraint: init_fn must be an initializer (key, shape, dtype) -> array;"
             f" got {init_fn!r}. Example: oc.with_constraint(nn.initializers.lecun_normal(),"

@@ -8,8 +8,6 @@ for bit: the two routes must project the same leaves with the same
 constraints. The Keras loop is compared with Keras's own `fit()`.
 """
 
-import warnings
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,12 +39,9 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def no_hook_warning():
-    """Flax 0.12 warns that Variable hooks (constraint_metadata's) are deprecated."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message="Variable hooks are deprecated")
-    return ctx
+# Flax 0.12 warns that Variable hooks (oc.constraint_metadata's) are deprecated,
+# whenever a variable carrying them is made or copied (nnx.Optimizer copies).
+pytestmark = pytest.mark.filterwarnings("ignore:Variable hooks are deprecated")
 
 
 # --- NNX -------------------------------------------------------------------------
@@ -73,7 +68,9 @@ class NNXNet(nnx.Module):
         self.head = nnx.Linear(
             16,
             4,
-            kernel_init=nnx.with_metadata(nnx.initializers.lecun_normal(), constraint=oc.UnitNorm()),
+            kernel_init=nnx.with_metadata(
+                nnx.initializers.lecun_normal(), constraint=oc.UnitNorm()
+            ),
             rngs=rngs,
         )
         self.gate = nnx.Param(-jnp.ones(4), constraint="non_neg")  # by hand, by name
@@ -162,7 +159,7 @@ def test_nnx_report_and_violations_fit_wrapped_and_plain_state():
     report = oc.routing_report(state, constraints, labels)
     assert report == oc.routing_report(nnx.to_pure_dict(state), constraints, labels)
     assert "'hidden/kernel'" in report and "UnitNorm(axis=0)" in report
-    assert report.splitlines()[-1].startswith("9 leaves, 5 constrained")
+    assert report.splitlines()[-1].startswith("8 leaves, 5 constrained")
     violations = oc.constraint_violations(state, constraints, labels)
     assert set(violations) == set(NNX_DECLARED)
     assert float(violations["gate"]) == 1.0  # the hand-made gate starts at -1
@@ -176,7 +173,7 @@ def test_nnx_wrt_without_a_declared_leaf_names_it():
     constraints, labels = oc.declared(model)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     del params["gate"]
-    with pytest.raises(ValueError, match="'gate' declares a constraint.*nnx.state"):
+    with pytest.raises(ValueError, match=r"'gate' declares a constraint.*nnx\.state"):
         oc.project(constraints, labels).init(params)
 
 
@@ -190,9 +187,9 @@ class LinenNet(nn.Module):
     def __call__(self, x):
         k = oc.with_constraint(nn.with_partitioning(lecun, (None, "model")), oc.MaxNorm(KMAX))
         x = nn.relu(
-            nn.Dense(16, kernel_init=k, bias_init=oc.with_constraint(nn.initializers.zeros, "non_neg"))(
-                x
-            )
+            nn.Dense(
+                16, kernel_init=k, bias_init=oc.with_constraint(nn.initializers.zeros, "non_neg")
+            )(x)
         )
         x = nn.LayerNorm()(x)
         return nn.Dense(3, kernel_init=oc.with_constraint(lecun, oc.UnitNorm()))(x)
@@ -359,10 +356,10 @@ def test_nn_scan_makes_declared_constraints_per_layer():
 
 
 def test_nn_scan_with_partitioning_outside_is_a_clear_error():
-    params = ScanNet(inner_partitioning=True).init(
-        jax.random.key(0), jnp.ones((1, WIDTH))
-    )["params"]
-    with pytest.raises(ValueError, match="Put oc.with_constraint outermost"):
+    params = ScanNet(inner_partitioning=True).init(jax.random.key(0), jnp.ones((1, WIDTH)))[
+        "params"
+    ]
+    with pytest.raises(ValueError, match=r"Put oc\.with_constraint outermost"):
         oc.declared(params)
 
 
@@ -384,7 +381,8 @@ def test_nn_vmap_stacks_and_remove_axis_unstacks():
     (c,) = oc.declared(params)[0].values()
     assert c == oc.Stacked(oc.UnitNorm(), stack_axis=1)
     box = params["VmapDense_0"]["kernel"]
-    assert oc.declared({"k": box.remove_axis(1, {})})[0] == {"k": oc.UnitNorm()}
+    member = box.replace(value=box.value[:, 0])  # what nn.vmap hands one member
+    assert oc.declared({"k": member.remove_axis(1, {})})[0] == {"k": oc.UnitNorm()}
     with pytest.raises(ValueError, match="reverse order"):
         box.remove_axis(0, {})
     projected = oc.apply_constraints(params, *oc.declared(params))
@@ -429,8 +427,7 @@ class NNXStack(nnx.Module):
 
 def test_nnx_vmap_and_scan_make_declared_constraints_per_layer():
     x, y = stacked_data()
-    with no_hook_warning():
-        model = NNXStack(nnx.Rngs(0))
+    model = NNXStack(nnx.Rngs(0))
     constraints, labels = oc.declared(model)
     assert constraints == {
         "blocks/lin/kernel": oc.Stacked(oc.MaxNorm(SMAX, axis="fan_in"), stack_axis=0),
@@ -554,6 +551,9 @@ def test_keras_loop_with_declared_constraints_matches_fit_step_by_step():
     assert np.abs(fan_in_norms(final[4]) - 1).max() > 1e-2
     assert np.abs(final[4] - fit_history[-1][4]).max() > 1e-3
     violations = oc.constraint_violations(ours[-1], constraints, labels)
+    # MinMaxNorm with rate < 1 moves norms only part of the way (not a projection,
+    # so it keeps a violation by design); every other constraint holds.
+    del violations[next(k for k, c in constraints.items() if isinstance(c, oc.MinMaxNorm))]
     assert max(float(v) for v in violations.values()) <= 4 * EPS32
 
 
