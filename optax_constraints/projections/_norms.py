@@ -205,8 +205,10 @@ def _rescaled_where_overflowed(w, axes, sumsq):
     # than a literal: XLA merges literal broadcasts of one shape across
     # leaves, writes the shared array to memory and reads it on every pass,
     # while a computed scale fuses into the reduction. See docs/performance.md.
+    # Elementwise on `sumsq` (not one entry of it): slicing an entry out of a
+    # sharded array is an error on meshes with Explicit axes.
     k = _overflow_exponent(w.dtype)
-    opaque_zero = (sumsq.ravel()[0] > 0).astype(w.dtype) * 0
+    opaque_zero = (sumsq > 0).astype(w.dtype) * 0
     scaled = w * (jnp.asarray(2.0**-k, w.dtype) + opaque_zero)
     sumsq_scaled = jnp.sum(scaled * scaled, axis=axes, keepdims=True)
     return jnp.where(

@@ -1,0 +1,287 @@
+"""End to end: stacked layers as Flax users write them, trained with `oc.Stacked`.
+
+* Linen: a transformer-style block (self-attention + MLP) under `nn.scan`
+  with `variable_axes={"params": 0}`, `split_rngs={"params": True}`, trained
+  through `TrainState.apply_gradients`;
+* NNX: blocks created by `nnx.vmap`, applied with `nnx.scan`, trained by
+  `nnx.Optimizer(model, tx, wrt=nnx.Param)` / `optimizer.update(model, grads)`;
+* an ensemble made by `jax.vmap` of a Linen `init`.
+
+After training, every layer (every member) is checked on its own, in float64
+NumPy: its largest unit norm is at most the bound (1e-5 relative: float32
+rounding of a 16-64 term sum and Keras's 1e-7 epsilon) and, where the layers
+start above the bound, equals it (the constraint binds in every layer);
+`max |WᵀW - I|` of each orthogonal layer is at most 1e-5 (n * eps for the
+polar factor of a 16x16 float32 matrix); each spectrally normalised layer's
+largest singular value is at most its bound. After the first step each
+constrained layer also equals Keras's formula applied to that layer of a
+plain Adam run fed the same gradients.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax.training import train_state
+
+import optax_constraints as oc
+
+LAYERS, DIM, HEADS, STEPS = 4, 16, 2, 8
+NORM_RTOL = 1e-5
+
+
+def _np(x):
+    return np.asarray(x, np.float64)
+
+
+def per_unit_norms(kernel, axes):
+    """Norms over `axes` of one layer's kernel (numpy float64)."""
+    return np.sqrt(np.sum(_np(kernel) ** 2, axis=axes))
+
+
+def assert_every_layer_capped(stacked_kernel, bound, axes, *, binds=True):
+    for layer, kernel in enumerate(_np(stacked_kernel)):
+        top = per_unit_norms(kernel, axes).max()
+        assert top <= bound * (1 + NORM_RTOL), (layer, top)
+        if binds:
+            assert top >= bound * (1 - NORM_RTOL), (layer, top)
+
+
+def assert_every_layer_orthogonal(stacked_kernel):
+    for layer, kernel in enumerate(_np(stacked_kernel)):
+        a = kernel.reshape(-1, kernel.shape[-1])
+        gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
+        assert np.abs(gram - np.eye(len(gram))).max() <= 1e-5, layer
+
+
+def sigma_max(matrix):
+    a = _np(matrix)
+    return np.linalg.svd(a.reshape(-1, a.shape[-1]), compute_uv=False)[0]
+
+
+def keras_max_norm(w, max_value, axis):
+    w = np.asarray(w, np.float32)
+    norms = np.sqrt(np.sum(w * w, axis=axis, keepdims=True))
+    return w * (np.clip(norms, 0, max_value) / (np.float32(1e-7) + norms))
+
+
+def data(n=32):
+    k1, k2 = jax.random.split(jax.random.key(1))
+    return jax.random.normal(k1, (n, 6, DIM)), jax.random.normal(k2, (n, 6, DIM))
+
+
+# --- (a) Linen nn.scan ------------------------------------------------------------
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.SelfAttention(num_heads=HEADS, qkv_features=DIM)(nn.LayerNorm()(x))
+        x = x + h
+        h = nn.Dense(4 * DIM)(nn.LayerNorm()(x))  # Dense_0: (DIM, 4 DIM)
+        x = x + nn.Dense(DIM)(nn.gelu(h))  # Dense_1: (4 DIM, DIM)
+        return x, None
+
+
+class Transformer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        blocks = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=LAYERS,
+        )
+        x, _ = blocks(name="blocks")(nn.Dense(DIM)(x), None)
+        return nn.Dense(DIM)(x)
+
+
+LINEN_RULES = {
+    "blocks/**/query/kernel": "qkv",  # (layers, in, heads, head_dim)
+    "blocks/**/key/kernel": "qkv",
+    "blocks/**/value/kernel": "qkv",
+    "blocks/**/out/kernel": "attn_out",  # (layers, heads, head_dim, out)
+    "blocks/Dense_0/kernel": "mlp_in",  # (layers, DIM, 4 DIM)
+    "blocks/Dense_1/kernel": "mlp_out",  # (layers, 4 DIM, DIM)
+}
+LINEN_CONSTRAINTS = {
+    "qkv": oc.Stacked(oc.MaxNorm(0.5, axis=0)),  # per (head, feature): over the inputs
+    "attn_out": oc.Stacked(oc.SpectralNorm(1.0, method="svd")),
+    "mlp_in": oc.Stacked(oc.MaxNorm(0.5, axis="fan_in")),
+    "mlp_out": oc.Stacked(oc.Orthogonal()),
+}
+
+
+def test_linen_scan_transformer_gets_per_layer_constraints():
+    model = Transformer()
+    x, y = data()
+    params = model.init(jax.random.key(0), x)["params"]
+    assert params["blocks"]["Dense_0"]["kernel"].shape == (LAYERS, DIM, 4 * DIM)
+    labels = oc.label_by_path(LINEN_RULES)
+    report = oc.routing_report(params, LINEN_CONSTRAINTS, labels)
+    assert f"{LAYERS} x {4 * DIM} units of {DIM}" in report  # mlp_in, per layer
+    assert f"{LAYERS} x ({4 * DIM}, {DIM}) matrix" in report  # mlp_out
+
+    def loss_fn(params):
+        return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+
+    adam = optax.adam(0.05)
+    tx = optax.chain(adam, oc.project(LINEN_CONSTRAINTS, labels))
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    plain = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=adam)
+
+    @jax.jit
+    def step(state, plain):
+        grads = jax.grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads), plain.apply_gradients(grads=grads)
+
+    state, plain = step(state, plain)
+    # Step 1: each layer is Keras's MaxNorm of that layer of the plain step.
+    got = _np(state.params["blocks"]["Dense_0"]["kernel"])
+    ref = _np(plain.params["blocks"]["Dense_0"]["kernel"])
+    for layer in range(LAYERS):
+        expected = keras_max_norm(ref[layer], 0.5, axis=0)
+        np.testing.assert_allclose(got[layer], expected, rtol=0, atol=4e-7)
+    for _ in range(STEPS - 1):
+        state, plain = step(state, plain)
+
+    blocks = state.params["blocks"]
+    attention = blocks["SelfAttention_0"] if "SelfAttention_0" in blocks else blocks["attention"]
+    for name in ("query", "key", "value"):
+        kernel = attention[name]["kernel"]
+        assert kernel.shape == (LAYERS, DIM, HEADS, DIM // HEADS)
+        assert_every_layer_capped(kernel, 0.5, axes=0)
+    out = attention["out"]["kernel"]
+    for layer in range(LAYERS):
+        assert sigma_max(out[layer]) <= 1.0 * (1 + NORM_RTOL), layer
+    assert_every_layer_capped(blocks["Dense_0"]["kernel"], 0.5, axes=0)
+    assert_every_layer_orthogonal(blocks["Dense_1"]["kernel"])
+    # The same bound on the stack as ONE array would not be per layer:
+    # a norm over all layers and inputs together.
+    plain_norms = per_unit_norms(blocks["Dense_0"]["kernel"], axes=(0, 1))
+    assert plain_norms.max() > 0.5 * 1.5
+
+
+# --- (b) NNX: nnx.vmap-created layers applied with nnx.scan ----------------------------
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.norm = nnx.LayerNorm(DIM, rngs=rngs)
+        self.up = nnx.Linear(DIM, 2 * DIM, rngs=rngs)
+        self.down = nnx.Linear(2 * DIM, DIM, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(nnx.relu(self.up(self.norm(x))))
+
+
+class NNXStack(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create_block(rngs):
+            return NNXBlock(rngs)
+
+        self.blocks = create_block(rngs)
+        self.head = nnx.Linear(DIM, DIM, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def forward(x, block):
+            return block(x)
+
+        return self.head(forward(x, self.blocks))
+
+
+def test_nnx_vmap_scan_stack_trained_by_nnx_optimizer():
+    model = NNXStack(nnx.Rngs(0))
+    assert model.blocks.up.kernel.shape == (LAYERS, DIM, 2 * DIM)
+    constraints = {
+        "up": oc.Stacked(oc.MaxNorm(0.5, axis="fan_in")),
+        "down": oc.Stacked(oc.SpectralNorm(1.0, num_iters=2)),  # power: one state per layer
+        "bias": oc.NonNeg(),  # elementwise: the same stacked or not
+    }
+    labels = oc.label_by_path(
+        {"blocks/up/kernel": "up", "blocks/down/kernel": "down", "blocks/*/bias": "bias"}
+    )
+    tx = optax.chain(optax.adam(0.02), oc.project(constraints, labels))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x, y = data()
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            return jnp.mean((model(x) - y) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(3 * STEPS)]
+    assert losses[-1] < losses[0]
+    assert_every_layer_capped(model.blocks.up.kernel[...], 0.5, axes=0)
+    assert np.all(_np(model.blocks.up.bias[...]) >= 0)
+    assert np.all(_np(model.blocks.down.bias[...]) >= 0)
+    # The power method's estimate is a lower bound that converges step by
+    # step (test_stateful.py); after 24 small steps it is within 1e-3.
+    sigmas = [sigma_max(k) for k in _np(model.blocks.down.kernel[...])]
+    assert max(sigmas) <= 1.0 + 1e-3, sigmas
+    assert min(sigmas) >= 1.0 - 1e-3, sigmas  # every layer started above 1
+    # One power-iteration vector per layer, in the optimizer's state.
+    states = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(optimizer))
+        if "constraint_states" in jax.tree_util.keystr(path)
+    ]
+    assert [np.shape(s) for s in states] == [(LAYERS, DIM)]
+
+
+# --- (c) an ensemble made by jax.vmap of init ------------------------------------------
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x))
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(1)(x)
+
+
+def test_vmapped_ensemble_constrains_each_member():
+    members = 5
+    model = MLP()
+    x = jax.random.normal(jax.random.key(2), (64, 8))
+    y = jnp.sin(x.sum(axis=1, keepdims=True))
+    keys = jax.random.split(jax.random.key(3), members)
+    params = jax.vmap(model.init, in_axes=(0, None))(keys, x)["params"]
+    assert params["Dense_0"]["kernel"].shape == (members, 8, 32)
+
+    constraints = {"kernel": oc.Stacked(oc.MaxNorm(0.8, axis="fan_in")), "bias": oc.NonNeg()}
+    labels = oc.label_by_path({"**/kernel": "kernel", "**/bias": "bias"})
+    tx = optax.chain(optax.adam(0.05), oc.project(constraints, labels))
+    opt_state = tx.init(params)
+
+    def loss_fn(params):
+        pred = jax.vmap(model.apply, in_axes=({"params": 0}, None))({"params": params}, x)
+        return jnp.mean((pred - y) ** 2)  # members are independent: a sum of their losses
+
+    @jax.jit
+    def step(params, opt_state):
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(STEPS):
+        params, opt_state = step(params, opt_state)
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+        kernel = params[name]["kernel"]
+        # Dense_2 (32, 1) starts below 0.8 in some members: capped, not bound.
+        assert_every_layer_capped(kernel, 0.8, axes=0, binds=name != "Dense_2")
+        assert np.all(_np(params[name]["bias"]) >= 0)
+    # Each member is capped on its own, not the ensemble as one array.
+    joint = per_unit_norms(params["Dense_0"]["kernel"], axes=(0, 1))
+    assert joint.max() > 0.8 * 2
