@@ -300,7 +300,9 @@ def constraint_metadata(constraint) -> dict[str, Any]:
 
 def _declared_on(x, path: Path):
     """The constraint a wrapped leaf declares (None when it declares nothing)."""
-    where = f"the parameter at '{path_to_str(path)}' (shape {_shape(x)})"
+    where = (
+        f"declared: the constraint on the parameter at '{path_to_str(path)}' (shape {_shape(x)})"
+    )
     if is_variable(x):
         found = x.get_metadata("constraint", None)
         return None if found is None else _checked_constraint(found, where)
@@ -314,7 +316,7 @@ def _declared_on(x, path: Path):
         box = box.unbox()
     if len(ours) > 1:
         raise ValueError(
-            f"{where} is wrapped by oc.with_constraint {len(ours)} times; declare one"
+            f"declared: the parameter at '{path_to_str(path)}' is wrapped by oc.with_constraint {len(ours)} times; declare one"
             " constraint per param (combine them in one oc.Constraint subclass)."
         )
     if not ours:
@@ -322,7 +324,8 @@ def _declared_on(x, path: Path):
     (inner,) = ours
     if len(_shape(x)) != inner.ndim + inner.added:
         raise ValueError(
-            f"{where} was created with {inner.ndim} dimension(s), and a transform"
+            f"declared: the parameter at '{path_to_str(path)}' (shape {_shape(x)}) was created"
+            f" with {inner.ndim} dimension(s), and a transform"
             " (nn.scan / nn.vmap) added an axis that its oc.with_constraint box never saw:"
             " a box outside it (nn.with_partitioning's Partitioned) does not pass"
             " add_axis on. Put oc.with_constraint outermost:"
