@@ -5,7 +5,8 @@ Layers, each importing only the ones above it:
 1. `projections` -- pure functions `w -> w'` (jit/vmap/grad-safe).
 2. `constraints` -- Keras-compatible objects binding hyper-parameters, and
    the registry (`get`, `serialize`, `deserialize`, `register`).
-3. labels -- which leaf gets which constraint (`label_by_path`, routing).
+3. labels -- which leaf gets which constraint (`label_by_path`, routing,
+   and `declared`: constraints declared on NNX/Linen/Keras parameters).
 4. transform -- `project` (an `optax.GradientTransformation`) and
    `apply_constraints`.
 

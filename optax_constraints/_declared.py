@@ -157,7 +157,14 @@ def _box_class():
 
     ConstraintBox.__module__ = __name__
     ConstraintBox.__qualname__ = "ConstraintBox"
+    globals()["ConstraintBox"] = ConstraintBox  # so pickle finds it by name
     return ConstraintBox
+
+
+def __getattr__(name: str):
+    if name == "ConstraintBox":  # made on first use: defining it imports flax
+        return _box_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _stack(constraint, index: int):

@@ -635,3 +635,11 @@ def test_undeclared_tree_constrains_nothing():
     constraints, labels = oc.declared(params)
     assert constraints == {} and labels(params) == {"w": None}
     assert oc.apply_constraints(params, constraints, labels)["w"] is not None
+
+
+def test_boxed_params_pickle_with_their_constraint():
+    import pickle
+
+    params = LinenNet().init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    restored = pickle.loads(pickle.dumps(jax.device_get(params)))
+    assert oc.declared(restored)[0] == LINEN_DECLARED
