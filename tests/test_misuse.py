@@ -102,6 +102,12 @@ TRIGGERS = {
     "axis_same_dim_twice": lambda: init({"k": oc.MaxNorm(axis=(0, -2))}, _kernel_labels()),
     "axis_on_scalar": lambda: init(oc.MaxNorm(axis=0), tree={"scale": jnp.ones(())}),
     "matrix_on_1d": lambda: init({"k": oc.SpectralNorm()}, oc.label_by_path({"**": "k"})),
+    "stacked_axis_out_of_range": lambda: init(
+        {"k": oc.Stacked(oc.NonNeg(), stack_axis=2)}, _kernel_labels()
+    ),
+    "stacked_copy_rejected": lambda: init({"k": oc.Stacked(oc.SpectralNorm())}, _kernel_labels()),
+    "stacked_bad_stack_axis": lambda: oc.Stacked(oc.NonNeg(), stack_axis="layers"),
+    "wrapper_without_constraint": lambda: oc.Stacked(None),
     "non_float_leaf": lambda: init(oc.NonNeg(), tree={"step": jnp.zeros(2, jnp.int32)}),
     "custom_wrong_shape": lambda: init(lambda w: jnp.sum(w)),
     "call_out_of_range": lambda: oc.MaxNorm(axis=3)(jnp.ones((2, 2))),
@@ -181,6 +187,8 @@ def test_misuse_raises_the_catalogued_error(misuse):
 
 LEAF_ERRORS = [
     "axis_out_of_range",
+    "stacked_axis_out_of_range",
+    "stacked_copy_rejected",
     "axis_fan_in_on_1d",
     "axis_same_dim_twice",
     "axis_on_scalar",
