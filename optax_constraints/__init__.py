@@ -5,7 +5,8 @@ Layers, each importing only the ones above it:
 1. `projections` -- pure functions `w -> w'` (jit/vmap/grad-safe).
 2. `constraints` -- Keras-compatible objects binding hyper-parameters, and
    the registry (`get`, `serialize`, `deserialize`, `register`).
-3. labels -- which leaf gets which constraint (`label_by_path`, routing).
+3. labels -- which leaf gets which constraint (`label_by_path`, routing,
+   and `declared`: constraints declared on NNX/Linen/Keras parameters).
 4. transform -- `project` (an `optax.GradientTransformation`) and
    `apply_constraints`.
 
@@ -17,6 +18,10 @@ Layers, each importing only the ones above it:
 """
 
 from optax_constraints import projections as projections
+from optax_constraints._declared import DeclaredLabels as DeclaredLabels
+from optax_constraints._declared import constraint_metadata as constraint_metadata
+from optax_constraints._declared import declared as declared
+from optax_constraints._declared import with_constraint as with_constraint
 from optax_constraints._labels import glob_match as glob_match
 from optax_constraints._labels import label_by_path as label_by_path
 from optax_constraints._routing import routing_report as routing_report

@@ -61,6 +61,12 @@ def _update_structure_mismatch():
     tx.update({"a": jnp.ones(2)}, tx.init(params()), params())
 
 
+def _declared_tree(constraint="non_neg"):
+    from flax import nnx
+
+    return {"w": nnx.Param(jnp.ones(2), constraint=constraint), "b": jnp.ones(2)}
+
+
 def _register_a_function():
     oc.register()(lambda w: w)
 
@@ -149,6 +155,16 @@ TRIGGERS = {
     "serialize_plain_function": lambda: oc.serialize(jnp.abs),
     "function_constraint_not_callable": lambda: oc.FunctionConstraint(3),
     "register_a_function": _register_a_function,
+    # -- declared constraints
+    "declared_conflict": lambda: oc.declared(_declared_tree(), rules={"w": oc.MaxNorm()}),
+    "declared_rule_matches_nothing": lambda: oc.declared(
+        _declared_tree(), rules={"**/kernal": oc.NonNeg()}
+    ),
+    "declared_prefer_typo": lambda: oc.declared(_declared_tree(), rules={}, prefer="rule"),
+    "declared_prefer_without_rules": lambda: oc.declared(_declared_tree(), prefer="rules"),
+    "declared_unknown_constraint": lambda: oc.declared(_declared_tree("maxnorm")),
+    "declared_leaf_missing": lambda: init(*oc.declared(_declared_tree()), tree=params()),
+    "with_constraint_swapped": lambda: oc.with_constraint(oc.MaxNorm(), jnp.zeros),
 }
 
 EXCEPTIONS = {"ValueError": ValueError, "TypeError": TypeError}
