@@ -14,7 +14,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 WRONG = textwrap.dedent(
