@@ -15,13 +15,12 @@ import optax
 import optax_constraints as oc
 
 
-@oc.register(package="typecheck")
-class Halve(oc.Constraint):
-    def __call__(self, w: jax.Array) -> jax.Array:
-        return w / 2
-
-
 def usage() -> None:
+    @oc.register(package="typecheck")
+    class Halve(oc.Constraint):
+        def __call__(self, w: jax.Array) -> jax.Array:
+            return w / 2
+
     params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
     constraints = {"kernel": oc.MaxNorm(2.0, axis="fan_in"), "bias": oc.NonNeg()}
     labels = oc.label_by_path({"**/kernel": "kernel", "**/bias": "bias"})
