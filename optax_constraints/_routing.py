@@ -19,7 +19,7 @@ from optax_constraints import constraints as C
 from optax_constraints._labels import Leaf, resolve_labels
 
 PyTree = Any
-Constraints = Mapping[Hashable, Any] | C.Constraint | Callable
+Constraints = Mapping[Any, Any] | C.Constraint | Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def as_constraint(obj) -> C.Constraint | None:
     obj = C.get(obj)
     if obj is None or isinstance(obj, C.Constraint):
         return obj
-    return C.FunctionConstraint(obj)
+    return C.FunctionConstraint(obj)  # pyright: ignore[reportArgumentType]  (a callable w -> w)
 
 
 def normalize(constraints: Constraints, param_labels) -> tuple[dict, Any]:

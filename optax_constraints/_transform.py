@@ -16,7 +16,7 @@ from optax_constraints.projections import compute_dtype
 PyTree = Any
 
 NO_PARAMS_MSG = (
-    optax.NO_PARAMS_MSG
+    optax.NO_PARAMS_MSG  # pyright: ignore[reportAttributeAccessIssue]  (newer optax only)
     if hasattr(optax, "NO_PARAMS_MSG")
     else (
         "You are using a transformation that requires the current value of"
@@ -43,7 +43,7 @@ class ProjectState(NamedTuple):
     {}
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  (as in optax's states)
     constraint_states: dict[str, PyTree]
 
 
@@ -130,7 +130,7 @@ def project(
         flat_updates, states = _project_leaves(
             routes, flat_params, flat_updates, dict(state.constraint_states), state.count, due
         )
-        new_count = optax.safe_int32_increment(state.count)
+        new_count: jax.Array = optax.safe_int32_increment(state.count)  # pyright: ignore[reportAssignmentType]  (an int32 Array)
         return jax.tree.unflatten(treedef, flat_updates), ProjectState(new_count, states)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Self, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from optax_constraints.projections._norms import branch_on_overflow
 PyTree = Any
 
 
-def is_python_number(value) -> bool:
+def is_python_number(value) -> TypeGuard[float]:
     """True for concrete Python/NumPy real numbers (not arrays, tracers, callables)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -86,6 +86,8 @@ class Constraint:
 
     #: Names of constructor arguments that may be Optax schedules.
     schedulable: tuple[str, ...] = ()
+    #: Set by `oc.register` on the class it decorates ("package>Name").
+    _registered_name: ClassVar[str]
 
     def __call__(self, w: jax.Array) -> jax.Array:
         """Projects `w` (the base class returns it unchanged)."""
@@ -96,7 +98,7 @@ class Constraint:
         return {}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Constraint:
+    def from_config(cls, config: dict[str, Any]) -> Self:
         """Rebuilds a constraint from `get_config()`'s output."""
         return cls(**config)
 
@@ -188,7 +190,7 @@ class Constraint:
         diff = jnp.abs(self(w).astype(dtype) - w.astype(dtype))
         return jnp.max(diff, initial=0.0)
 
-    def at_step(self, step) -> Constraint:
+    def at_step(self, step) -> Self:
         """This constraint with every schedule evaluated at `step`.
 
         Returns `self` when no hyper-parameter is a schedule.

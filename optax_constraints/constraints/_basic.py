@@ -4,6 +4,10 @@ Names, defaults, `get_config` keys and float32 numerics are Keras 3's; the
 lower-case aliases are the same classes, as in `keras.constraints`.
 """
 
+# Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
+# values after `at_step`, which the types cannot say:
+# pyright: reportArgumentType=false
+
 from __future__ import annotations
 
 import math
@@ -11,6 +15,7 @@ import math
 import jax.numpy as jnp
 
 from optax_constraints import projections as P
+from optax_constraints._typing import HyperParam
 from optax_constraints.constraints._base import (
     Constraint,
     _hashable,
@@ -32,7 +37,7 @@ def _config_axis(axis):
 class _AxisConstraint(Constraint):
     """A constraint whose `axis` names the axes of one unit."""
 
-    axis: object
+    axis: P.AxisSpec
 
     def check_leaf(self, shape, dtype):
         P.resolve_axis(self.axis, len(shape))
@@ -82,7 +87,7 @@ class MaxNorm(_AxisConstraint):
 
     schedulable = ("max_value",)
 
-    def __init__(self, max_value=2, axis=0):
+    def __init__(self, max_value: HyperParam = 2, axis: P.AxisSpec = 0):
         check_number("max_value", max_value, low=0, owner="MaxNorm")
         self.max_value = max_value
         self.axis = P.canonical_axis(axis)
@@ -124,7 +129,13 @@ class MinMaxNorm(_AxisConstraint):
 
     schedulable = ("min_value", "max_value", "rate")
 
-    def __init__(self, min_value=0.0, max_value=1.0, rate=1.0, axis=0):
+    def __init__(
+        self,
+        min_value: HyperParam = 0.0,
+        max_value: HyperParam = 1.0,
+        rate: HyperParam = 1.0,
+        axis: P.AxisSpec = 0,
+    ):
         check_number("min_value", min_value, low=0, owner="MinMaxNorm")
         check_number("max_value", max_value, low=0, owner="MinMaxNorm")
         check_number("rate", rate, low=0, high=1, owner="MinMaxNorm")
@@ -170,7 +181,7 @@ class UnitNorm(_AxisConstraint):
            [0.8, 0. ]], dtype=float32)
     """
 
-    def __init__(self, axis=0):
+    def __init__(self, axis: P.AxisSpec = 0):
         self.axis = P.canonical_axis(axis)
 
     def __call__(self, w):
@@ -225,7 +236,7 @@ class Clip(Constraint):
 
     schedulable = ("min_value", "max_value")
 
-    def __init__(self, min_value=None, max_value=None):
+    def __init__(self, min_value: HyperParam | None = None, max_value: HyperParam | None = None):
         if min_value is not None:
             check_number("min_value", min_value, owner="Clip")
         if max_value is not None:
@@ -270,7 +281,7 @@ class CenterAround(Constraint):
 
     schedulable = ("ref_value",)
 
-    def __init__(self, ref_value=0.0):
+    def __init__(self, ref_value: HyperParam = 0.0):
         check_number("ref_value", ref_value, owner="CenterAround")
         self.ref_value = ref_value
 

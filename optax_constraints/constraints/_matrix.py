@@ -5,6 +5,10 @@ Both see a kernel `(*fan_in_axes, out)` as the `(fan_in, out)` matrix
 and reject leaves with fewer than 2 dimensions when `project` is initialised.
 """
 
+# Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
+# values after `at_step`, which the types cannot say:
+# pyright: reportArgumentType=false
+
 from __future__ import annotations
 
 import math
@@ -13,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_constraints import projections as P
+from optax_constraints._typing import HyperParam, OrthogonalMethod, SpectralMethod
 from optax_constraints.constraints._base import Constraint, check_number
 
 
@@ -128,7 +133,13 @@ class SpectralNorm(Constraint):
     methods = ("power", "svd")
     warm_start_iters = 20
 
-    def __init__(self, max_value=1.0, method="power", num_iters=1, max_iters=None):
+    def __init__(
+        self,
+        max_value: HyperParam = 1.0,
+        method: SpectralMethod = "power",
+        num_iters: int = 1,
+        max_iters: int | None = None,
+    ):
         check_number("max_value", max_value, low=0, owner="SpectralNorm")
         _check_method("SpectralNorm", method, self.methods)
         _check_iters("SpectralNorm", num_iters)
@@ -240,7 +251,7 @@ class Orthogonal(Constraint):
 
     methods = ("svd", "newton_schulz")
 
-    def __init__(self, method="svd", num_iters=P.NEWTON_SCHULZ_ITERS):
+    def __init__(self, method: OrthogonalMethod = "svd", num_iters: int = P.NEWTON_SCHULZ_ITERS):
         _check_method("Orthogonal", method, self.methods)
         _check_iters("Orthogonal", num_iters)
         self.method = method

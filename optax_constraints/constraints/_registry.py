@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from optax_constraints.constraints._base import Constraint, FunctionConstraint
 
 MODULE = "optax_constraints"
+_C = TypeVar("_C", bound=type[Constraint])
 
 _BUILTINS: dict[str, type[Constraint]] = {}
 _CUSTOM: dict[str, type[Constraint]] = {}
@@ -32,7 +33,7 @@ def _add_builtin(cls: type[Constraint]) -> None:
     _BUILTINS[_snake_case(cls.__name__)] = cls
 
 
-def register(package: str = "Custom", name: str | None = None) -> Callable[[type], type]:
+def register(package: str = "Custom", name: str | None = None) -> Callable[[_C], _C]:
     """Class decorator: makes a custom `Constraint` round-trip by name.
 
     Like `keras.saving.register_keras_serializable`, the class is stored under
@@ -51,7 +52,7 @@ def register(package: str = "Custom", name: str | None = None) -> Callable[[type
     'Halve'
     """
 
-    def decorator(cls):
+    def decorator(cls: _C) -> _C:
         if not (inspect.isclass(cls) and issubclass(cls, Constraint)):
             raise TypeError(f"oc.register decorates subclasses of oc.Constraint; got {cls!r}.")
         key = f"{package}>{name or cls.__name__}"

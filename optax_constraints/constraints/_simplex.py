@@ -1,10 +1,15 @@
 """Per-unit L1 ball and simplex constraints (beyond Keras)."""
 
+# Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
+# values after `at_step`, which the types cannot say:
+# pyright: reportArgumentType=false
+
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from optax_constraints import projections as P
+from optax_constraints._typing import HyperParam
 from optax_constraints.constraints._base import check_number, is_python_number
 from optax_constraints.constraints._basic import _AxisConstraint, _config_axis, _float
 
@@ -37,7 +42,7 @@ class L1Ball(_AxisConstraint):
 
     schedulable = ("max_value",)
 
-    def __init__(self, max_value=1.0, axis=0):
+    def __init__(self, max_value: HyperParam = 1.0, axis: P.AxisSpec = 0):
         check_number("max_value", max_value, low=0, owner="L1Ball")
         self.max_value = max_value
         self.axis = P.canonical_axis(axis)
@@ -85,7 +90,7 @@ class Simplex(_AxisConstraint):
 
     schedulable = ("scale",)
 
-    def __init__(self, scale=1.0, axis=0):
+    def __init__(self, scale: HyperParam = 1.0, axis: P.AxisSpec = 0):
         check_number("scale", scale, owner="Simplex")
         if is_python_number(scale) and not scale > 0:
             raise ValueError(f"Simplex: scale must be > 0; got scale={scale!r}.")

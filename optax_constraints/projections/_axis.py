@@ -51,7 +51,7 @@ def canonical_axis(axis: AxisSpec) -> int | tuple[int, ...] | str | None:
             raise ValueError(f"{AXIS_HELP}; got axis={axis!r}.")
         if len(set(ints)) != len(ints):
             raise ValueError(f"axis has a repeated entry: axis={axis!r}. {AXIS_HELP}.")
-        return ints
+        return ints  # pyright: ignore[reportReturnType]  (no None: checked above)
     raise ValueError(f"{AXIS_HELP}; got axis={axis!r}.")
 
 

@@ -121,7 +121,7 @@ def _spectral_map_jvp(kind, primals, tangents):
 
 
 @projection
-def spectral_norm_svd(w: jax.Array, max_value=1.0) -> jax.Array:
+def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> jax.Array:
     """Euclidean projection onto the spectral-norm ball `{W : sigma_max(W) <= m}`.
 
     With the SVD of the `(fan_in, out)` view :math:`W = U \\Sigma V^\\top`,
@@ -510,7 +510,9 @@ def power_iteration_until_settled(
 
 
 @projection
-def spectral_rescale(w: jax.Array, max_value, sigma) -> jax.Array:
+def spectral_rescale(
+    w: jax.Array, max_value: jax.typing.ArrayLike, sigma: jax.typing.ArrayLike
+) -> jax.Array:
     """Scales the whole kernel down by `max(1, sigma / max_value)`.
 
     .. math:: w' = w \\cdot \\min\\left(1, \\frac{m}{\\sigma}\\right)

@@ -19,11 +19,14 @@ import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from optax_constraints.projections._axis import AxisSpec, resolve_axis
+
+_F = TypeVar("_F", bound=Callable[..., jax.Array])
 
 EPSILON = 1e-7
 """Keras's `backend.epsilon()`: the norm-constraint denominators add it."""
@@ -70,7 +73,7 @@ def _static(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def projection(fn: Callable) -> Callable:
+def projection(fn: _F) -> _F:
     """Makes `fn(w, **hyper)` one compiled XLA program in its compute dtype.
 
     Python-number and `axis` arguments are compile-time constants (as in
@@ -117,7 +120,7 @@ def projection(fn: Callable) -> Callable:
         dynamic = {k: v for k, v in arguments.items() if _is_array(v)}
         return compiled(tuple(sorted(static.items())), _BRANCH_ON_OVERFLOW.get())(w, dynamic)
 
-    return wrapper
+    return wrapper  # pyright: ignore[reportReturnType]  (functools.wraps: fn's signature)
 
 
 def _safe_sqrt(x):
@@ -227,7 +230,7 @@ def _overflow_exponent(dtype) -> int:
 
 
 @projection
-def max_norm(w: jax.Array, max_value=2, axis: AxisSpec = 0) -> jax.Array:
+def max_norm(w: jax.Array, max_value: jax.typing.ArrayLike = 2, axis: AxisSpec = 0) -> jax.Array:
     """Rescales each unit whose norm exceeds `max_value` down to it.
 
     .. math:: w' = w \\cdot \\frac{\\mathrm{clip}(\\|w\\|, 0, m)}{\\epsilon + \\|w\\|}
@@ -259,7 +262,11 @@ def max_norm(w: jax.Array, max_value=2, axis: AxisSpec = 0) -> jax.Array:
 
 @projection
 def min_max_norm(
-    w: jax.Array, min_value=0.0, max_value=1.0, rate=1.0, axis: AxisSpec = 0
+    w: jax.Array,
+    min_value: jax.typing.ArrayLike = 0.0,
+    max_value: jax.typing.ArrayLike = 1.0,
+    rate: jax.typing.ArrayLike = 1.0,
+    axis: AxisSpec = 0,
 ) -> jax.Array:
     """Moves each unit's norm into `[min_value, max_value]` at speed `rate`.
 
@@ -322,7 +329,11 @@ def non_neg(w: jax.Array) -> jax.Array:
     return jnp.maximum(w, jnp.zeros((), w.dtype))
 
 
-def clip(w: jax.Array, min_value=None, max_value=None) -> jax.Array:
+def clip(
+    w: jax.Array,
+    min_value: jax.typing.ArrayLike | None = None,
+    max_value: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
     """Elementwise box `[min_value, max_value]` (either bound may be `None`).
 
     The Euclidean projection onto the box; exact in every dtype.
@@ -341,7 +352,7 @@ def clip(w: jax.Array, min_value=None, max_value=None) -> jax.Array:
 
 
 @projection
-def center_around(w: jax.Array, ref_value=0.0) -> jax.Array:
+def center_around(w: jax.Array, ref_value: jax.typing.ArrayLike = 0.0) -> jax.Array:
     """Shifts `w` so its mean is `ref_value` (the Keras guide's custom example).
 
     .. math:: w' = w - \\mathrm{mean}(w) + r

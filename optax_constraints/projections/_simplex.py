@@ -98,7 +98,7 @@ def _threshold(v, scale, axes):
 
 
 @projection
-def l1_ball(w: jax.Array, max_value=1.0, axis: AxisSpec = 0) -> jax.Array:
+def l1_ball(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0, axis: AxisSpec = 0) -> jax.Array:
     """Euclidean projection of each unit onto the L1 ball of radius `max_value`.
 
     .. math:: P(w) = \\operatorname{sign}(w) \\max(|w| - \\theta, 0)
@@ -138,7 +138,7 @@ def l1_ball(w: jax.Array, max_value=1.0, axis: AxisSpec = 0) -> jax.Array:
 
 
 @projection
-def simplex(w: jax.Array, scale=1.0, axis: AxisSpec = 0) -> jax.Array:
+def simplex(w: jax.Array, scale: jax.typing.ArrayLike = 1.0, axis: AxisSpec = 0) -> jax.Array:
     """Euclidean projection of each unit onto `{x >= 0, sum(x) = scale}`.
 
     .. math:: P(w) = \\max(w - \\theta, 0), \\qquad
