@@ -21,6 +21,9 @@ plot next to it. Sections:
   (Newton-Schulz vs SVD), time per step and accuracy;
 * stacked: `oc.Stacked` on one `(layers, in, out)` leaf against the same
   layers as separate leaves, step time and trace + compile time.
+* whole_step: trace + compile of whole training steps (forward, backward,
+  Adam, apply) of a Linen transformer LM, a 100-layer MLP and a scan-over-
+  layers LM (`_models.py`), plain / `project` / hand-written.
 """
 
 from __future__ import annotations
@@ -182,6 +185,58 @@ def _compile_time(jitted, *args) -> dict:
         "total_cpu_s": c2 - c0,
         "kernels": TR.kernel_count(compiled),
     }
+
+
+# -- whole training steps of real models -------------------------------------
+
+
+def whole_step_section(quick: bool) -> dict:
+    """Trace + compile of a whole training step (forward, backward, Adam, apply).
+
+    Models from `_models.py`; variants plain Adam, `project` and the
+    hand-written "apply_updates, then tree_map(Keras's formula)", interleaved
+    (the order alternates between rounds), each with its own learning rate so
+    that no cache answers. Ratios to plain are taken within a round.
+    """
+    from benchmarks import _models as M
+
+    models = {
+        "lm4": lambda: M.lm(4),
+        "lm8": lambda: M.lm(8),
+        "mlp100": lambda: M.mlp(100),
+        "scan_lm4": lambda: M.lm(4, scan=True),
+    }
+    if quick:
+        models = {k: models[k] for k in ("lm4", "mlp100")}
+    if not hasattr(oc, "Stacked"):
+        print(
+            "whole_step: oc.Stacked not available: the scan model runs MaxNorm(axis='fan_in')"
+            " on its stacked kernels (the block axis counts as fan-in; fine for timing)"
+        )
+    rounds = 1 if quick else 3
+    out = {"rounds": rounds, "models": {}}
+    for model, make in models.items():
+        params, batch, loss = make()
+        times: dict[str, list] = {}
+        names = ("plain", "project", "hand_keras")
+        for r in range(rounds):
+            for i, name in enumerate(names if r % 2 == 0 else names[::-1]):
+                lr = 1e-3 * (1 + 1e-4 * (10 * r + i))
+                step, tx = M.whole_steps(loss, lr)[name]
+                timed = _compile_time(jax.jit(step), params, tx.init(params), batch)
+                times.setdefault(name, []).append(timed)
+        plain = np.array([t["total_cpu_s"] for t in times["plain"]])
+        entry = {"leaves": len(jax.tree.leaves(params)), "variants": {}}
+        for name, ts in times.items():
+            total = np.array([t["total_cpu_s"] for t in ts])
+            entry["variants"][name] = {
+                "trace_cpu_s": float(np.median([t["trace_cpu_s"] for t in ts])),
+                "total_cpu_s": T.time_stats(total),
+                "kernels": ts[0]["kernels"],
+                "ratio": T.ratio_stats(total, plain),
+            }
+        out["models"][model] = entry
+    return out
 
 
 # -- every_k_steps -----------------------------------------------------------
@@ -516,6 +571,20 @@ def _section_lines(results: dict) -> list[str]:
                 f"  {name:26s} step {_fmt(st):>20s}   trace+compile"
                 f" {stack['compile_ratio'][name]:.3f}"
             )
+    whole = results.get("whole_step")
+    if whole:
+        lines += [
+            "",
+            f"whole training step, trace + compile (CPU s), {whole['rounds']} interleaved rounds;"
+            " ratio to plain, median [min-max]; kernels:",
+        ]
+        for model, entry in whole["models"].items():
+            cells = "  ".join(
+                f"{name} {v['total_cpu_s']['median_ms'] / 1e3:.2f} s {_fmt(v['ratio'])}"
+                f" k={v['kernels']}"
+                for name, v in entry["variants"].items()
+            )
+            lines.append(f"  {model:9s} ({entry['leaves']} leaves)  {cells}")
     mat = results.get("matrix", {"skipped": True})
     if not mat.get("skipped"):
         lines += [
@@ -592,7 +661,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--only",
-        choices=("every_k", "bfloat16", "matrix", "stacked"),
+        choices=("every_k", "bfloat16", "matrix", "stacked", "whole_step"),
         help="run one section alone (written to <file>-<name>.json)",
     )
     args = parser.parse_args(argv)
@@ -622,6 +691,7 @@ def main(argv=None) -> dict:
         "bfloat16": bfloat16_section,
         "matrix": matrix_section,
         "stacked": stacked_section,
+        "whole_step": whole_step_section,
     }
     if args.only:
         results[args.only] = sections[args.only](args.quick)
@@ -643,6 +713,8 @@ def main(argv=None) -> dict:
     results["matrix"] = matrix_section(args.quick)
     print("stacked ...", flush=True)
     results["stacked"] = stacked_section(args.quick)
+    print("whole training steps (compile) ...", flush=True)
+    results["whole_step"] = whole_step_section(args.quick)
     results["seconds"] = time.perf_counter() - started
     lines = report(results)
     print("\n".join(lines))

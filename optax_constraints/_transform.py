@@ -12,6 +12,7 @@ import optax
 from optax_constraints._routing import Constraints, Route, normalize, route
 from optax_constraints.constraints._base import update_and_target
 from optax_constraints.projections import compute_dtype
+from optax_constraints.projections._sharding import shard_counts
 
 PyTree = Any
 
@@ -254,16 +255,25 @@ class _InGroups:
     def add(self, target: jax.Array) -> None:
         if target.size < ORDERED_SIZE:
             return
-        # The first 8 entries of the last axis (those of `reshape(-1)[:8]`),
-        # taken without flattening: flattening a sharded target makes XLA
-        # all-gather the whole parameter (tests/test_multidevice.py).
-        corner = target[(0,) * (target.ndim - 1)][:8] if target.ndim else target.reshape(1)
-        self.corners.append(corner.astype(jnp.float32))
+        self.corners.append(jnp.sum(_corner(target), dtype=jnp.float32))
         self.group_size += target.size * target.dtype.itemsize
         if self.group_size >= self.group_bytes:
-            corners = jnp.concatenate(self.corners)
-            self.previous = (jnp.sum(corners) > 0).astype(jnp.float32) * 0
+            self.previous = (sum(self.corners) > 0).astype(jnp.float32) * 0
             self.corners, self.group_size = [], 0
+
+
+def _corner(x: jax.Array) -> jax.Array:
+    """A few entries at the start of `x`: the first 8 of its last axis, in general.
+
+    Taken without flattening: flattening a sharded `x` makes XLA all-gather
+    the whole parameter (tests/test_multidevice.py). An axis sharded over
+    `Explicit` mesh axes keeps one entry per shard (slices must split evenly).
+    """
+    if not x.ndim:
+        return x
+    counts = shard_counts(x)
+    last = min(x.shape[-1], -(-8 // counts[-1]) * counts[-1])
+    return x[(*(slice(0, n) for n in counts[:-1]), slice(0, last))]
 
 
 def _routes(params, constraints, param_labels) -> list[Route]:

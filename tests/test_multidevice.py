@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 SCRIPT = r"""
@@ -177,19 +178,26 @@ print("REPORT" + json.dumps(report))
 """
 
 
-@pytest.fixture(scope="module")
-def report():
+def _run(script: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(__file__), *filter(None, [env.get("PYTHONPATH")])]
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
     return json.loads(line[len("REPORT") :])
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _run(SCRIPT)
 
 
 def test_sharded_values_match_one_device(report):
@@ -259,3 +267,176 @@ def _size(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+# -- every built-in constraint, on `Explicit` and `Auto` mesh axes ------------
+
+AXIS_TYPES_SCRIPT = r"""
+import json, re
+import numpy as np
+import jax, jax.numpy as jnp, optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import optax_constraints as oc
+import optax_constraints._transform as _transform
+from helpers import constraint_instances
+
+# Every leaf ordered, each its own group: the ordering's anchors are exercised
+# on leaves small enough to compile quickly.
+_transform.GROUP_BYTES, _transform.ORDERED_SIZE = 1, 1
+EXAMPLES = {
+    "MaxNorm": [oc.MaxNorm(1.0, axis="fan_in")],
+    "UnitNorm": [oc.UnitNorm(axis="fan_in")],
+    "MinMaxNorm": [oc.MinMaxNorm(0.5, 1.0, rate=0.8, axis="fan_in")],
+    "L1Ball": [oc.L1Ball(2.0, axis="fan_in")],
+    "Simplex": [oc.Simplex(axis="fan_in")],
+    "Clip": [oc.Clip(-0.5, 0.5)],
+    "CenterAround": [oc.CenterAround(0.5)],
+    "SpectralNorm": [oc.SpectralNorm(1.0), oc.SpectralNorm(1.0, method="svd")],
+}
+CONSTRAINTS = constraint_instances(EXAMPLES)
+SPECS = {  # the issue's conv kernel, a dense kernel, one free leaf
+    "conv": ((3, 3, 8, 16), P(None, None, "data", "model")),
+    "dense": ((32, 16), P("data", "model")),
+    "free": ((16, 8), P("data", "model")),
+}
+keys = jax.random.split(jax.random.key(0), 2 * len(SPECS))
+params = {k: 2.0 * jax.random.normal(keys[i], s) for i, (k, (s, _)) in enumerate(SPECS.items())}
+updates = {k: jax.random.normal(keys[len(SPECS) + i], s)
+           for i, (k, (s, _)) in enumerate(SPECS.items())}
+labels = {k: (None if k == "free" else "c") for k in SPECS}
+
+
+def gathers(hlo):
+    return [[int(d) for d in dims.split(",") if d]
+            for line in hlo.splitlines() if re.search(r"all-gather(-start)?\(", line)
+            for dims in re.findall(r"f32\[([0-9,]*)\]", line.split("=", 1)[1].split("all-gather")[0])]
+
+
+def run(c, p, u, context, eager=False):
+    tx = oc.project({"c": c}, labels)
+
+    def everything(p, u, state):
+        new_u, _ = tx.update(u, state, p)
+        return {
+            "new": optax.apply_updates(p, new_u),
+            "updates": new_u,
+            "applied": oc.apply_constraints(p, {"c": c}, labels),
+            "violations": oc.constraint_violations(p, {"c": c}, labels),
+        }
+
+    with context():
+        state = tx.init(p)
+        compiled = jax.jit(everything).lower(p, u, state).compile()
+        out, hlo = compiled(p, u, state), compiled.as_text()
+        if eager:  # op by op, outside jit
+            out["applied_eager"] = oc.apply_constraints(p, {"c": c}, labels)
+            out["violations_eager"] = oc.constraint_violations(p, {"c": c}, labels)
+    return out, gathers(hlo)
+
+
+class nothing:
+    def __enter__(self): return self
+    def __exit__(self, *a): return False
+
+
+EAGER = ("MaxNorm", "SpectralNorm")  # eager dispatch on 8 devices is slow: two suffice
+one = jax.devices()[0]
+p1, u1 = jax.device_put(params, one), jax.device_put(updates, one)
+refs = {repr(c): run(c, p1, u1, nothing, eager=type(c).__name__ in EAGER)[0] for c in CONSTRAINTS}
+report = {"constraints": sorted({type(c).__name__ for c in CONSTRAINTS}), "runs": []}
+for axis_type in ("Explicit", "Auto"):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(getattr(AxisType, axis_type),) * 2)
+    shard = {k: NamedSharding(mesh, spec) for k, (_, spec) in SPECS.items()}
+    p, u = jax.device_put(params, shard), jax.device_put(updates, shard)
+    for c in CONSTRAINTS:
+        ref = refs[repr(c)]
+        contexts = {"jit": nothing, "set_mesh": lambda: jax.set_mesh(mesh)}
+        if axis_type == "Auto":  # the context changes nothing there; keep the test short
+            contexts.pop("set_mesh")
+        for ctx_name, context in contexts.items():
+            entry = {"axis_type": axis_type, "context": ctx_name, "constraint": repr(c),
+                     "class": type(c).__name__}
+            try:
+                eager = ctx_name == "set_mesh" and type(c).__name__ in EAGER
+                got, gathered = run(c, p, u, context, eager)
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                report["runs"].append(entry)
+                continue
+            entry["gathered"] = gathered
+            entry["diff"], entry["scale"], entry["kept"] = {}, {}, {}
+            for what in got:
+                if what.startswith("violations"):
+                    a, b = float(got[what]["c"]), float(ref[what]["c"])
+                    entry["diff"][what], entry["scale"][what] = abs(a - b), abs(b)
+                    continue
+                for k in SPECS:
+                    a, b = np.asarray(got[what][k], np.float64), np.asarray(ref[what][k], np.float64)
+                    entry["diff"][f"{what}/{k}"] = float(np.max(np.abs(a - b)))
+                    entry["scale"][f"{what}/{k}"] = float(np.max(np.abs(b)))
+                    entry["kept"][f"{what}/{k}"] = bool(
+                        got[what][k].sharding.is_equivalent_to(shard[k], a.ndim))
+            report["runs"].append(entry)
+report["fan_in"] = {k: int(np.prod(s[:-1])) for k, (s, _) in SPECS.items()}
+report["sizes"] = {k: int(np.prod(s)) for k, (s, _) in SPECS.items()}
+print("REPORT" + json.dumps(report))
+"""
+
+MATRIX = {"SpectralNorm", "Orthogonal"}
+
+
+@pytest.fixture(scope="module")
+def axis_types_report():
+    return _run(AXIS_TYPES_SCRIPT)
+
+
+def test_every_constraint_runs_on_explicit_and_auto_meshes(axis_types_report):
+    runs = axis_types_report["runs"]
+    assert {r["axis_type"] for r in runs} == {"Explicit", "Auto"}
+    assert {r["context"] for r in runs} == {"jit", "set_mesh"}
+    from helpers import exported_constraint_classes
+
+    covered = set(axis_types_report["constraints"])
+    assert covered == {c.__name__ for c in exported_constraint_classes()}
+    failed = [
+        (r["axis_type"], r["context"], r["constraint"], r["error"]) for r in runs if "error" in r
+    ]
+    assert not failed, failed
+    eager = {r["class"] for r in runs if "applied_eager/conv" in r.get("diff", {})}
+    assert eager == {"MaxNorm", "SpectralNorm"}
+
+
+def test_sharded_results_equal_one_device(axis_types_report):
+    eps = float(np.finfo(np.float32).eps)
+    fan_in, sizes = axis_types_report["fan_in"], axis_types_report["sizes"]
+    for r in axis_types_report["runs"]:
+        for key, diff in r.get("diff", {}).items():
+            leaf = key.split("/")[-1]
+            # Sharded reductions add their partial sums in another order: at
+            # most n * eps relative error for a sum of n terms (n: the longest
+            # reduction, a unit's fan-in, or every entry for CenterAround's mean).
+            n = sizes.get(leaf, max(sizes.values()))
+            if r["class"] != "CenterAround":
+                n = fan_in.get(leaf, max(fan_in.values()))
+            bound = n * eps * max(1.0, r["scale"][key])
+            assert diff <= bound, (r["axis_type"], r["context"], r["constraint"], key, diff, bound)
+
+
+def test_sharded_outputs_keep_their_input_sharding(axis_types_report):
+    for r in axis_types_report["runs"]:
+        lost = [k for k, kept in r.get("kept", {}).items() if not kept]
+        assert not lost, (r["axis_type"], r["context"], r["constraint"], lost)
+
+
+def test_only_matrix_constraints_gather_and_only_their_leaves(axis_types_report):
+    sizes = axis_types_report["sizes"]
+    constrained = {sizes[k] for k in ("conv", "dense")}
+    for r in axis_types_report["runs"]:
+        if "gathered" not in r:
+            continue
+        if r["class"] not in MATRIX:
+            assert r["gathered"] == [], (r["axis_type"], r["constraint"], r["gathered"])
+        for shape in r["gathered"]:
+            # pieces of a constrained kernel (its matrix view needs all of it;
+            # XLA may gather one mesh axis at a time), nothing larger
+            assert _size(shape) <= max(constrained), (r["constraint"], shape)

@@ -25,12 +25,15 @@ import jax
 import jax.numpy as jnp
 
 from optax_constraints.projections._norms import projection
+from optax_constraints.projections._sharding import gathered, sharded_like
 
 
 def matrix_view(w: jax.Array) -> jax.Array:
     """`w` reshaped to `(fan_in, out) = (prod(shape[:-1]), shape[-1])`.
 
-    Raises `ValueError` for arrays with fewer than 2 dimensions.
+    Raises `ValueError` for arrays with fewer than 2 dimensions. A kernel
+    sharded over `Explicit` mesh axes is gathered first (the view has no
+    sharding JAX can express); `Auto` axes are the compiler's business.
 
     >>> import jax.numpy as jnp
     >>> matrix_view(jnp.zeros((3, 3, 4, 8))).shape
@@ -44,11 +47,14 @@ def matrix_view(w: jax.Array) -> jax.Array:
             f" {tuple(w.shape)}. Leave 1-D leaves (biases, norm scales) unconstrained or"
             " give them an elementwise or norm constraint"
         )
-    return w.reshape((math.prod(w.shape[:-1]), w.shape[-1]))
+    return gathered(w).reshape((math.prod(w.shape[:-1]), w.shape[-1]))
 
 
 def _tall(fn):
-    """Runs `fn` on the matrix view, transposed so rows >= columns, and reshapes back."""
+    """Runs `fn` on the matrix view, transposed so rows >= columns, and reshapes back.
+
+    The result has `w`'s sharding again (the view may have gathered it).
+    """
 
     @functools.wraps(fn)
     def wrapper(w, *args, **kwargs):
@@ -56,7 +62,7 @@ def _tall(fn):
         a = matrix_view(w)
         wide = a.shape[0] < a.shape[1]
         out = fn(a.T if wide else a, *args, **kwargs)
-        return (out.T if wide else out).reshape(w.shape)
+        return sharded_like((out.T if wide else out).reshape(w.shape), w)
 
     return wrapper
 

@@ -206,18 +206,18 @@ def branch_on_overflow(enabled: bool = True) -> Iterator[None]:
 def _rescaled_where_overflowed(w, axes, sumsq):
     # Units whose sum overflows are summed again on w * 2**-k: scaling by a
     # power of two is exact, so their norm is the rescaled one times 2**k.
-    # The scale is computed from `sumsq` (and is always exactly 2**-k) rather
-    # than a literal: XLA merges literal broadcasts of one shape across
-    # leaves, writes the shared array to memory and reads it on every pass,
-    # while a computed scale fuses into the reduction. See docs/performance.md.
-    # Elementwise on `sumsq` (not one entry of it): slicing an entry out of a
-    # sharded array is an error on meshes with Explicit axes.
+    # The scale is a per-unit array computed from `sumsq` (2**-k where the sum
+    # overflowed, 1 elsewhere) rather than a literal: XLA merges literal
+    # broadcasts of one shape across leaves, writes the shared array to memory
+    # and reads it on every pass, while a computed one fuses into the
+    # reduction. It has the norms' shape, so it is sharded like them: nothing
+    # to slice or gather (docs/performance.md, docs/multihost.md).
     k = _overflow_exponent(w.dtype)
-    opaque_zero = (sumsq > 0).astype(w.dtype) * 0
-    scaled = w * (jnp.asarray(2.0**-k, w.dtype) + opaque_zero)
+    overflow = jnp.isinf(sumsq)
+    scaled = w * jnp.where(overflow, jnp.asarray(2.0**-k, w.dtype), jnp.ones((), w.dtype))
     sumsq_scaled = jnp.sum(scaled * scaled, axis=axes, keepdims=True)
     return jnp.where(
-        jnp.isinf(sumsq),
+        overflow,
         _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, w.dtype),
         _safe_sqrt(sumsq),
     )

@@ -92,7 +92,8 @@ def _threshold(v, scale, axes):
         new_count, new_theta = count_and_next(theta)
         return new_theta, new_count, count, rounds + 1
 
-    everything = jnp.full(theta.shape, n, jnp.int32)
+    # Shaped (and, under Explicit mesh axes, sharded) like the per-unit counts.
+    everything = jnp.full_like(theta, n, dtype=jnp.int32)
     theta, *_ = jax.lax.while_loop(unsettled, one_round, (theta, everything, everything - 1, 0))
     return theta
 

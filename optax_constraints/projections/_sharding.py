@@ -1,0 +1,80 @@
+"""Whole-matrix projections on sharded kernels: gather one leaf, put it back.
+
+Norm and elementwise projections need nothing here: their reductions run as
+local partial sums plus an all-reduce of the per-unit sums, on `Explicit`
+and `Auto` mesh axes alike (docs/multihost.md). A matrix projection (SVD,
+Newton-Schulz, power iteration) sees the kernel as one `(fan_in, out)`
+matrix; under `Explicit` axes the reshape to that view has no sharding JAX
+can express, so the leaf is gathered first (only that leaf, only inside the
+projection) and the result is given the input's sharding again.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def _sharding(x):
+    """The sharding in `x`'s type, or `None` when `x` lives on one device."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.empty:
+        return None
+    if sharding.mesh.size == 1:
+        return None
+    return sharding
+
+
+def _explicit(sharding) -> bool:
+    return any(axes is not None for axes in sharding.spec)
+
+
+def shard_counts(x: jax.Array) -> tuple[int, ...]:
+    """Per axis of `x`, in how many pieces its type shards it (1: not, or `Auto` axes).
+
+    >>> import jax.numpy as jnp
+    >>> shard_counts(jnp.ones((2, 3)))
+    (1, 1)
+    """
+    sharding = _sharding(x)
+    counts = [1] * x.ndim
+    if sharding is not None:
+        for i, axes in enumerate(sharding.spec):
+            for name in (axes,) if isinstance(axes, str) else axes or ():
+                counts[i] *= sharding.mesh.shape[name]
+    return tuple(counts)
+
+
+def gathered(x: jax.Array) -> jax.Array:
+    """`x` replicated, if its type shards it over `Explicit` mesh axes; else `x`.
+
+    >>> import jax.numpy as jnp
+    >>> gathered(jnp.ones(3)).shape
+    (3,)
+    """
+    sharding = _sharding(x)
+    if sharding is None or not _explicit(sharding):
+        return x
+    return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+def sharded_like(out: jax.Array, x: jax.Array) -> jax.Array:
+    """`out` (same shape as `x`) with `x`'s sharding, on `Explicit` or `Auto` axes.
+
+    `Explicit` axes: `x`'s type says its sharding, `out` is resharded to it.
+    `Auto` axes: the sharding is the compiler's choice, so `out` is tied to
+    whatever `x` gets (`shard_alike`); without that, a gathered result stays
+    replicated.
+
+    >>> import jax.numpy as jnp
+    >>> sharded_like(jnp.zeros(3), jnp.ones(3)).shape
+    (3,)
+    """
+    sharding = _sharding(x)
+    if sharding is None:
+        return out
+    if _explicit(sharding):
+        return jax.sharding.reshard(out, sharding)
+    from jax.experimental.shard_alike import shard_alike
+
+    return shard_alike(x, out)[1]
