@@ -232,7 +232,7 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
                 str(getattr(r.leaf.value, "dtype", type(r.leaf.value).__name__)),
                 "-" if r.label is None else repr(r.label),
                 repr(r.constraint) if on else "-",
-                r.constraint.describe_leaf(shape) if on else "-",
+                r.constraint.describe_leaf(shape) if r.constraint is not None else "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

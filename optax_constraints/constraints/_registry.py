@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+import jax.core
 import numpy as np
 
 from optax_constraints.constraints._base import Constraint, FunctionConstraint

@@ -25,6 +25,8 @@ with `jax.vmap`, or given the moved axes.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +48,7 @@ def _wrapped(owner: str, constraint) -> Constraint:
             f"{owner} needs the constraint to apply, e.g. {owner}(oc.MaxNorm(2.0,"
             " axis='fan_in')); got None."
         )
-    return obj if isinstance(obj, Constraint) else FunctionConstraint(obj)
+    return obj if isinstance(obj, Constraint) else FunctionConstraint(cast(Callable, obj))
 
 
 def _index(value) -> int | None:
@@ -65,7 +67,7 @@ def _canonical_stack_axis(stack_axis) -> int | tuple[int, ...]:
     if isinstance(stack_axis, (tuple, list)) and stack_axis:
         ints = tuple(_index(a) for a in stack_axis)
         if all(a is not None for a in ints) and len(set(ints)) == len(ints):
-            return ints
+            return cast(tuple[int, ...], ints)
     raise ValueError(f"Stacked: {STACK_AXIS_HELP}; got stack_axis={stack_axis!r}.")
 
 
@@ -116,7 +118,7 @@ class Stacked(Constraint):
     True
     """
 
-    def __init__(self, constraint, stack_axis=0):
+    def __init__(self, constraint, stack_axis: int | Sequence[int] = 0):
         self.constraint = _wrapped("Stacked", constraint)
         self.stack_axis = _canonical_stack_axis(stack_axis)
 
