@@ -684,6 +684,18 @@ def _gates(prefix, names, leaf, label):
     return {f"{prefix}/{g}/{leaf}": label for g in names}
 
 
+def _attention(prefix):
+    """q/k/v kernels (in, heads, head_dim) get axis 0; the out kernel per output unit."""
+    out = {f"{prefix}/{p}/kernel": "qkv" for p in ("query", "key", "value")}
+    out |= {f"{prefix}/{p}/bias": "bias" for p in ("query", "key", "value", "out")}
+    return out | {f"{prefix}/out/kernel": "kernel"}
+
+
+class _NamedNorm(nnx.Module):
+    def __init__(self, rngs):
+        self.attn_norm = nnx.LayerNorm(8, rngs=rngs)
+
+
 class _CompactCell(nn.Module):
     cell: str
 
@@ -748,6 +760,7 @@ def _doc_cases(doc):
                 **_gates("LSTMCell_0", [f"h{g}" for g in LSTM_GATES], "kernel", "recurrent"),
                 **_gates("LSTMCell_0", [f"h{g}" for g in LSTM_GATES], "bias", "bias"),
                 **_gates("LSTMCell_0", [f"i{g}" for g in LSTM_GATES], "kernel", "kernel"),
+                **_attention("MultiHeadDotProductAttention_0"),
             },
         ),
         "docs NNXModel": (
@@ -760,11 +773,16 @@ def _doc_cases(doc):
                 "rnn/cell/dense_h/kernel": "recurrent",
                 "rnn/cell/dense_i/kernel": "kernel",
                 "rnn/cell/dense_i/bias": "bias",
-                "norm/scale": "gamma",
-                "norm/bias": "beta",
+                "ln_f/scale": "gamma",
+                "ln_f/bias": "beta",
                 "head/kernel": "kernel",
                 "head/bias": "bias",
+                **_attention("attn"),
             },
+        ),
+        "nnx norm attribute named attn_norm": (
+            nnx.state(_NamedNorm(nnx.Rngs(0)), nnx.Param),
+            {"attn_norm/scale": "gamma", "attn_norm/bias": "beta"},
         ),
         "linen compact OptimizedLSTMCell": (
             _linen_params(_CompactCell("OptimizedLSTMCell"), seq.shape),
