@@ -4,7 +4,7 @@ Checks that one rule set labels the same leaves on every pytree users train
 (dicts, `FrozenDict`, Linen `TrainState.params`, `nnx.State` with and without
 `Param` wrappers, lists, tuples, dataclasses, `None` and `MaskedNode`), that
 `axis="fan_in"` resolves per leaf, that misfits fail at `init` with the leaf
-named, and that every rule in the README routing section lands where it says on real
+named, and that every rule in the routing guide (docs/routing.md) lands where it says on real
 Flax modules.
 """
 
@@ -25,7 +25,7 @@ from flax.training import train_state
 
 import optax_constraints as oc
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROUTING = Path(__file__).resolve().parents[1] / "docs" / "routing.md"
 
 
 # --- helpers (independent of the code under test) ------------------------------
@@ -665,18 +665,15 @@ def test_thousand_leaf_tree_routes_every_leaf():
     assert int(state.count) == 0
 
 
-# --- every rule in the README routing section, on real Flax modules ----------------
+# --- every rule in the routing guide, on real Flax modules -----------------------
 
 
 @pytest.fixture(scope="module")
 def doc():
-    """Runs the README routing section's Python blocks; returns their namespace."""
+    """Runs the routing guide's Python blocks; returns their namespace."""
     namespace: dict = {}
-    text = README.read_text()
-    section = text[text.index("## Routing") :]
-    section = section[: section.index("\n## ", 1)]
-    for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
-        exec(compile(block, str(README), "exec"), namespace)
+    for block in re.findall(r"```python\n(.*?)```", ROUTING.read_text(), flags=re.S):
+        exec(compile(block, str(ROUTING), "exec"), namespace)
     return namespace
 
 

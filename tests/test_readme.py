@@ -1,15 +1,22 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and the guide pages run as written."""
 
 import re
 from pathlib import Path
 
 import jax.numpy as jnp
+import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# The guides that hold what used to be README sections; their examples are
+# complete programs. (composition/nonfinite show fragments of a training
+# loop, multihost a multi-process launch: read, not run.)
+GUIDES = [ROOT / "docs" / f"{name}.md" for name in ("routing", "layouts", "stacked", "equinox")]
+ROUTING = ROOT / "docs" / "routing.md"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def python_blocks(page: Path = README) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
 
 
 def test_readme_has_python_examples():
@@ -36,6 +43,12 @@ def test_every_python_block_runs_on_its_own():
         exec(compile(block, f"{README} (python block {i})", "exec"), {"__name__": "__readme__"})
 
 
+@pytest.mark.parametrize("page", [p for p in GUIDES if python_blocks(p)], ids=lambda p: p.name)
+def test_every_guide_python_block_runs_on_its_own(page):
+    for i, block in enumerate(python_blocks(page)):
+        exec(compile(block, f"{page} (python block {i})", "exec"), {"__name__": "__guide__"})
+
+
 def _labels_by_path(namespace, params):
     from optax_constraints._labels import resolve_labels
 
@@ -51,8 +64,8 @@ def test_rule_list_routes_attention_and_norm_layers_as_the_readme_says():
     from flax import nnx
 
     namespace: dict = {}
-    block = next(b for b in python_blocks() if "class NNXModel" in b)
-    exec(compile(block, str(README), "exec"), namespace)
+    block = next(b for b in python_blocks(ROUTING) if "class NNXModel" in b)
+    exec(compile(block, str(ROUTING), "exec"), namespace)
     linen = _labels_by_path(namespace, namespace["linen_params"])
     nnx_labels = _labels_by_path(namespace, nnx.state(namespace["nnx_model"], nnx.Param))
     attention = "MultiHeadDotProductAttention_0"
