@@ -24,7 +24,6 @@ with `jax.vmap`, or given the moved axes.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 
 from optax_constraints.constraints._base import Constraint, FunctionConstraint
 from optax_constraints.constraints._registry import get, serialize
+from optax_constraints.projections._axis import _as_int
 
 STACK_AXIS_HELP = (
     "stack_axis must be an int or a non-empty tuple/list of distinct ints (negative"
@@ -51,21 +51,12 @@ def _wrapped(owner: str, constraint) -> Constraint:
     return obj if isinstance(obj, Constraint) else FunctionConstraint(cast(Callable, obj))
 
 
-def _index(value) -> int | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _canonical_stack_axis(stack_axis) -> int | tuple[int, ...]:
-    as_int = _index(stack_axis)
+    as_int = _as_int(stack_axis)
     if as_int is not None:
         return as_int
     if isinstance(stack_axis, (tuple, list)) and stack_axis:
-        ints = tuple(_index(a) for a in stack_axis)
+        ints = tuple(_as_int(a) for a in stack_axis)
         if all(a is not None for a in ints) and len(set(ints)) == len(ints):
             return cast(tuple[int, ...], ints)
     raise ValueError(f"Stacked: {STACK_AXIS_HELP}; got stack_axis={stack_axis!r}.")
