@@ -163,16 +163,31 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
         return _rescaled_where_overflowed(w, axes, sumsq)
 
     def branch():
-        return jax.lax.cond(
-            jnp.any(overflow),
-            lambda: _rescaled_where_overflowed(w, axes, sumsq),
-            lambda: _safe_sqrt(sumsq),
+        # Only the second sum is conditional: the branch not taken returns
+        # its operand, and the choice per unit is made outside, where it fuses
+        # into the consumer of the norms. `max(sumsq) < inf` is False on an
+        # overflow and on a NaN, whose unit the `where` leaves NaN.
+        again = jax.lax.cond(
+            jnp.max(sumsq) < jnp.inf,
+            lambda s: s,
+            lambda s: _sum_scaled(w, axes, _literal_scale(w.dtype)),
+            sumsq,
         )
+        return _where_overflowed(sumsq, again)
 
     # On GPU a `cond` waits for the host to read the predicate: no branch there.
     return jax.lax.platform_dependent(
         cpu=branch, default=lambda: _rescaled_where_overflowed(w, axes, sumsq)
     )
+
+
+LITERAL_SCALE_SIZE = 2**16
+"""Below this many elements, the branch-free second sum scales by a literal.
+
+A literal saves the kernel that computes a per-unit scale (compile time:
+one kernel per leaf); XLA may merge the literal broadcasts of same-shaped
+leaves into one array in memory, at most 256 KiB in float32 below this size.
+"""
 
 
 _BRANCH_ON_OVERFLOW = contextvars.ContextVar("branch_on_overflow", default=False)
@@ -206,19 +221,35 @@ def branch_on_overflow(enabled: bool = True) -> Iterator[None]:
 def _rescaled_where_overflowed(w, axes, sumsq):
     # Units whose sum overflows are summed again on w * 2**-k: scaling by a
     # power of two is exact, so their norm is the rescaled one times 2**k.
-    # The scale is a per-unit array computed from `sumsq` (2**-k where the sum
-    # overflowed, 1 elsewhere) rather than a literal: XLA merges literal
-    # broadcasts of one shape across leaves, writes the shared array to memory
-    # and reads it on every pass, while a computed one fuses into the
-    # reduction. It has the norms' shape, so it is sharded like them: nothing
-    # to slice or gather (docs/performance.md, docs/multihost.md).
-    k = _overflow_exponent(w.dtype)
-    overflow = jnp.isinf(sumsq)
-    scaled = w * jnp.where(overflow, jnp.asarray(2.0**-k, w.dtype), jnp.ones((), w.dtype))
-    sumsq_scaled = jnp.sum(scaled * scaled, axis=axes, keepdims=True)
+    # On large leaves the scale is a per-unit array computed from `sumsq`
+    # (2**-k where the sum overflowed, 1 elsewhere) rather than a literal:
+    # XLA merges literal broadcasts of one shape across leaves, writes the
+    # shared array to memory and reads it on every pass, while a computed one
+    # fuses into the reduction. It has the norms' shape, so it is sharded like
+    # them: nothing to slice or gather (docs/performance.md, docs/multihost.md).
+    if w.size < LITERAL_SCALE_SIZE:
+        scale = _literal_scale(w.dtype)
+    else:
+        k = _overflow_exponent(w.dtype)
+        scale = jnp.where(jnp.isinf(sumsq), jnp.asarray(2.0**-k, w.dtype), jnp.ones((), w.dtype))
+    return _where_overflowed(sumsq, _sum_scaled(w, axes, scale))
+
+
+def _literal_scale(dtype) -> jax.Array:
+    return jnp.asarray(2.0 ** -_overflow_exponent(dtype), dtype)
+
+
+def _sum_scaled(w, axes, scale):
+    scaled = w * scale
+    return jnp.sum(scaled * scaled, axis=axes, keepdims=True)
+
+
+def _where_overflowed(sumsq, sumsq_scaled):
+    """The norms: from `sumsq`, or where it overflowed from the sum scaled by 2**-k."""
+    k = _overflow_exponent(sumsq.dtype)
     return jnp.where(
-        overflow,
-        _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, w.dtype),
+        jnp.isinf(sumsq),
+        _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, sumsq.dtype),
         _safe_sqrt(sumsq),
     )
 
