@@ -8,8 +8,9 @@ rules: `MaxNorm(axis="fan_in")` on every kernel, `NonNeg` on every bias.
 * `lm(n_blocks)`: a pre-LayerNorm transformer language model, d = 256,
   4 heads, MLP 4d, vocabulary 512, sequence 64, batch 8;
 * `mlp(100)`: 100 Dense layers of width 64;
-* `scan_lm(n_blocks)`: the LM with its blocks under `nn.scan` (one set of
-  stacked kernels, shape `(n_blocks, ...)`).
+* `lm(n_blocks, scan=True)`: the LM with its blocks under `nn.scan` (one set
+  of stacked kernels, shape `(n_blocks, ...)`), constrained through
+  `oc.Stacked` (`whole_steps(..., stacked=True)`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import optax_constraints as oc
 MAX_VALUE = 3.0
 RULES = {"**/kernel": "kernel", "**/bias": "bias"}
 CONSTRAINTS = {"kernel": oc.MaxNorm(MAX_VALUE, axis="fan_in"), "bias": oc.NonNeg()}
+STACKED_RULES = {"ScanScanBlock_0/**/kernel": "stacked", **RULES}
+STACKED_CONSTRAINTS = {"stacked": oc.Stacked(CONSTRAINTS["kernel"]), **CONSTRAINTS}
 VOCAB, SEQ, BATCH, D = 512, 64, 8, 256
 
 
@@ -118,19 +121,24 @@ def _keras_formula(w, label):
     """Keras 3's MaxNorm / NonNeg, term for term (no overflow handling)."""
     if label == "bias":
         return jnp.maximum(w, 0)
-    axes = tuple(range(w.ndim - 1))
+    # "stacked": the layer axis 0 is not part of a unit.
+    axes = tuple(range(1 if label == "stacked" else 0, w.ndim - 1))
     norms = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
     return w * (jnp.clip(norms, 0, MAX_VALUE) / (1e-7 + norms))
 
 
-def whole_steps(loss: Callable, learning_rate: float) -> dict[str, tuple[Callable, object]]:
+def whole_steps(
+    loss: Callable, learning_rate: float, *, stacked: bool = False
+) -> dict[str, tuple[Callable, object]]:
     """name -> (step, optimizer whose `init` makes the state).
 
-    `step(params, opt_state, batch) -> (params, opt_state, loss)`.
+    `step(params, opt_state, batch) -> (params, opt_state, loss)`. With
+    `stacked`, the scanned blocks' kernels are constrained per layer.
     """
     adam = optax.adam(learning_rate)
-    labels = oc.label_by_path(RULES, allow_unmatched=True)
-    projected = optax.chain(adam, oc.project(CONSTRAINTS, labels))
+    rules, constraints = (STACKED_RULES, STACKED_CONSTRAINTS) if stacked else (RULES, CONSTRAINTS)
+    labels = oc.label_by_path(rules, allow_unmatched=True)
+    projected = optax.chain(adam, oc.project(constraints, labels))
 
     def with_tx(tx):
         def step(params, state, batch):

@@ -208,11 +208,6 @@ def whole_step_section(quick: bool) -> dict:
     }
     if quick:
         models = {k: models[k] for k in ("lm4", "mlp100")}
-    if not hasattr(oc, "Stacked"):
-        print(
-            "whole_step: oc.Stacked not available: the scan model runs MaxNorm(axis='fan_in')"
-            " on its stacked kernels (the block axis counts as fan-in; fine for timing)"
-        )
     rounds = 1 if quick else 3
     out = {"rounds": rounds, "models": {}}
     for model, make in models.items():
@@ -222,7 +217,7 @@ def whole_step_section(quick: bool) -> dict:
         for r in range(rounds):
             for i, name in enumerate(names if r % 2 == 0 else names[::-1]):
                 lr = 1e-3 * (1 + 1e-4 * (10 * r + i))
-                step, tx = M.whole_steps(loss, lr)[name]
+                step, tx = M.whole_steps(loss, lr, stacked=model.startswith("scan"))[name]
                 timed = _compile_time(jax.jit(step), params, tx.init(params), batch)
                 times.setdefault(name, []).append(timed)
         plain = np.array([t["total_cpu_s"] for t in times["plain"]])
