@@ -96,11 +96,22 @@ def flax_steps(loss: Callable) -> dict[str, tuple[Callable, object]]:
     return {name: steps[name] for name in ("plain", "project")}
 
 
-def flax_round_runner(step: Callable, tx, params, batch) -> tuple[Callable, Callable]:
-    """(compile, run_round): `run_round(steps)` -> (CPU s, wall s) per step.
+def violations(params) -> dict[str, float]:
+    """`oc.constraint_violations` of `_models.CONSTRAINTS` by `_models.RULES`."""
+    import optax_constraints as oc
 
-    `compile()` lowers and compiles the step (params and state donated) and
-    runs two warm-up steps; nothing of it is timed by `run_round`.
+    labels = oc.label_by_path(M.RULES, allow_unmatched=True)
+    found = oc.constraint_violations(params, M.CONSTRAINTS, labels)
+    return {str(k): float(v) for k, v in sorted(found.items())}
+
+
+def flax_round_runner(step: Callable, tx, params, batch) -> tuple[Callable, Callable, Callable]:
+    """(compile, run_round, violations_now) for our jitted step.
+
+    `run_round(steps)` -> (CPU s, wall s) per step. `compile()` lowers and
+    compiles the step (params and state donated) and runs two warm-up steps;
+    nothing of it is timed by `run_round`. `violations_now()`: `violations`
+    of the current parameters.
     """
     state = {}
 
@@ -124,7 +135,7 @@ def flax_round_runner(step: Callable, tx, params, batch) -> tuple[Callable, Call
             one()
         return (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
 
-    return compile_, run_round
+    return compile_, run_round, lambda: violations(state["p"])
 
 
 # -- Keras 3 -----------------------------------------------------------------
@@ -229,12 +240,16 @@ def constrained_shapes(flax_params, keras_model) -> dict[str, list]:
 
 
 def keras_round_runner(model, x: np.ndarray, y: np.ndarray, batch: int):
-    """(compile, run_round) for `model.fit` on a NumPy dataset.
+    """(compile, run_round, violations_now) for `model.fit` on a NumPy dataset.
 
     `run_round(steps)` fits one epoch of `steps + 1` batches and returns the
     time (CPU s, wall s) per step from the end of the first batch to the end
     of the last, as `on_train_batch_end` sees it after the step's outputs are
-    ready. `compile()` runs one warm-up epoch (trace and XLA compile).
+    ready. `compile()` runs one warm-up epoch of two batches (trace and XLA
+    compile).
+    `violations_now()`: `violations` of the model's weights, every kernel
+    and bias (LayerNorm's `beta` counts as a bias) measured against the
+    constraints of `_models.py`, whatever the model itself sets.
     """
     import keras
 
@@ -261,6 +276,16 @@ def keras_round_runner(model, x: np.ndarray, y: np.ndarray, batch: int):
         return (c1 - c0) / steps, (w1 - w0) / steps
 
     def compile_():
-        fit(2)
+        fit(1)
 
-    return compile_, fit
+    def violations_now():
+        names = {"kernel": "kernel", "bias": "bias", "beta": "bias"}
+        tree = {  # {layer path: {"kernel" | "bias": value}}, as Flax nests them
+            v.path.rsplit("/", 1)[0]: {} for v in model.trainable_variables if v.name in names
+        }
+        for v in model.trainable_variables:
+            if v.name in names:
+                tree[v.path.rsplit("/", 1)[0]][names[v.name]] = v.value
+        return violations(tree)
+
+    return compile_, fit, violations_now

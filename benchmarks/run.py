@@ -295,12 +295,12 @@ def fit_runtime_model(make_flax, make_keras, data, batch: int, steps: int, reps:
     if shapes["ours"] != shapes["keras"]:
         raise RuntimeError(f"the two sides constrain different leaves: {shapes}")
     compile_s = {}
-    for name, (compile_, _) in runners.items():
+    for name, (compile_, _, _) in runners.items():
         w0 = time.perf_counter()
         compile_()
         compile_s[name] = time.perf_counter() - w0
     times = T.interleaved_rounds(
-        {name: functools.partial(run, steps) for name, (_, run) in runners.items()}, reps
+        {name: functools.partial(run, steps) for name, (_, run, _) in runners.items()}, reps
     )
     pairs = {
         "project/plain": ("project", "plain"),
@@ -314,6 +314,8 @@ def fit_runtime_model(make_flax, make_keras, data, batch: int, steps: int, reps:
         "params": int(sum(w.size for w in jax.tree.leaves(params))),
         "constrained": {k: len(v) for k, v in shapes["ours"].items()},
         "warmup_s": compile_s,
+        # Largest violation per label after the timed steps: 0 where constrained.
+        "violations_after": {name: runner[2]() for name, runner in runners.items()},
         "times": {n: {c: T.time_stats(t[c]) for c in ("cpu", "wall")} for n, t in times.items()},
         "ratios": {
             key: {c: T.ratio_stats(times[a][c], times[b][c]) for c in ("cpu", "wall")}
