@@ -690,6 +690,11 @@ def _section_lines(results: dict) -> list[str]:
                 for name, t in entry["times"].items()
             )
             lines.append(f"    {cells}")
+            after = "  ".join(
+                f"{name} " + "/".join(f"{v:.2g}" for v in by.values())
+                for name, by in entry["violations_after"].items()
+            )
+            lines.append(f"    largest violation after the steps (bias/kernel): {after}")
     mat = results.get("matrix", {"skipped": True})
     if not mat.get("skipped"):
         lines += [
