@@ -75,3 +75,25 @@ def time_stats(seconds: np.ndarray) -> dict[str, float]:
         "min_ms": float(seconds.min() * 1e3),
         "max_ms": float(seconds.max() * 1e3),
     }
+
+
+def interleaved_rounds(
+    rounds: dict[str, Callable[[], tuple[float, float]]], reps: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """Like `interleaved`, for variants that time themselves.
+
+    `rounds[name]()` runs one round of that variant and returns its own
+    (CPU seconds, wall seconds), e.g. per step over several steps. The order
+    alternates between rounds, as in `interleaved`; warm-up is the caller's.
+
+    Returns:
+      name -> {"wall": seconds per round, "cpu": seconds per round}.
+    """
+    times = {name: {"wall": [], "cpu": []} for name in rounds}
+    names = list(rounds)
+    for r in range(reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            cpu, wall = rounds[name]()
+            times[name]["cpu"].append(cpu)
+            times[name]["wall"].append(wall)
+    return {n: {k: np.asarray(v) for k, v in t.items()} for n, t in times.items()}

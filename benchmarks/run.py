@@ -24,6 +24,9 @@ plot next to it. Sections:
 * whole_step: trace + compile of whole training steps (forward, backward,
   Adam, apply) of a Linen transformer LM, a 100-layer MLP and a scan-over-
   layers LM (`_models.py`), plain / `project` / hand-written.
+* fit_runtime: run time of whole training steps, a convnet on 28x28x1 and
+  the transformer LM (`_fit.py`): our jitted Linen step, plain and with
+  `project`, against Keras 3's `fit()` without and with the same constraints.
 """
 
 from __future__ import annotations
@@ -232,6 +235,88 @@ def whole_step_section(quick: bool) -> dict:
             }
         out["models"][model] = entry
     return out
+
+
+# -- whole training steps at run time, against Keras's fit() -----------------
+
+
+def fit_runtime_section(quick: bool) -> dict:
+    """Run time of a whole training step: ours (a jitted Linen step) and Keras's `fit()`.
+
+    Per model (`_fit.py`: a convnet on 28x28x1, batch 128, and the
+    transformer LM of `_models.py`), four variants, interleaved: plain Adam
+    and Adam + `project` (our step, compiled, donated), and Keras 3's `fit()`
+    of the same architecture without and with the same constraints as layer
+    arguments. A round is `steps` steps of one variant after one untimed
+    step; its figure is seconds per step. Ratios are taken within a round.
+    """
+    from benchmarks import _fit as F
+    from benchmarks import _models as M
+
+    n_blocks = 2 if quick else 4
+    models = {
+        "cnn": (F.flax_cnn, F.keras_cnn, F.cnn_data, F.CNN_BATCH),
+        f"lm{n_blocks}": (
+            lambda: M.lm(n_blocks),
+            lambda constrained: F.keras_lm(n_blocks, constrained),
+            F.lm_data,
+            M.BATCH,
+        ),
+    }
+    steps = {"cnn": 8 if quick else 12, f"lm{n_blocks}": 4 if quick else 8}
+    reps = 4 if quick else 10
+    out = {"reps": reps, "models": {}}
+    for model, (make_flax, make_keras, data, batch) in models.items():
+        out["models"][model] = fit_runtime_model(
+            make_flax, make_keras, data, batch, steps[model], reps
+        )
+    return out
+
+
+def fit_runtime_model(make_flax, make_keras, data, batch: int, steps: int, reps: int) -> dict:
+    """One model of `fit_runtime_section`; small sizes make it a smoke test."""
+    from benchmarks import _fit as F
+
+    params, flax_batch, loss = make_flax()
+    runners = {}
+    for name, (step, tx) in F.flax_steps(loss).items():
+        runners[name] = F.flax_round_runner(step, tx, params, flax_batch)
+    x, y = data((steps + 1) * batch)
+    keras_models = {}
+    for name, constrained in (("keras_plain", False), ("keras_constrained", True)):
+        keras_models[name] = F.keras_compile(make_keras(constrained))
+        runners[name] = F.keras_round_runner(keras_models[name], x, y, batch)
+    shapes = F.constrained_shapes(params, keras_models["keras_constrained"])
+    if shapes["ours"] != shapes["keras"]:
+        raise RuntimeError(f"the two sides constrain different leaves: {shapes}")
+    compile_s = {}
+    for name, (compile_, _, _) in runners.items():
+        w0 = time.perf_counter()
+        compile_()
+        compile_s[name] = time.perf_counter() - w0
+    times = T.interleaved_rounds(
+        {name: functools.partial(run, steps) for name, (_, run, _) in runners.items()}, reps
+    )
+    pairs = {
+        "project/plain": ("project", "plain"),
+        "keras_constrained/keras_plain": ("keras_constrained", "keras_plain"),
+        "project/keras_constrained": ("project", "keras_constrained"),
+        "plain/keras_plain": ("plain", "keras_plain"),
+    }
+    return {
+        "batch": batch,
+        "steps_per_round": steps,
+        "params": int(sum(w.size for w in jax.tree.leaves(params))),
+        "constrained": {k: len(v) for k, v in shapes["ours"].items()},
+        "warmup_s": compile_s,
+        # Largest violation per label after the timed steps: 0 where constrained.
+        "violations_after": {name: runner[2]() for name, runner in runners.items()},
+        "times": {n: {c: T.time_stats(t[c]) for c in ("cpu", "wall")} for n, t in times.items()},
+        "ratios": {
+            key: {c: T.ratio_stats(times[a][c], times[b][c]) for c in ("cpu", "wall")}
+            for key, (a, b) in pairs.items()
+        },
+    }
 
 
 # -- every_k_steps -----------------------------------------------------------
@@ -580,6 +665,31 @@ def _section_lines(results: dict) -> list[str]:
                 for name, v in entry["variants"].items()
             )
             lines.append(f"  {model:9s} ({entry['leaves']} leaves)  {cells}")
+    fit = results.get("fit_runtime")
+    if fit:
+        lines += [
+            "",
+            f"whole training step, run time, {fit['reps']} interleaved rounds; ratio median"
+            " [min-max] per round, CPU time (wall time); ms per step CPU / wall:",
+        ]
+        for model, entry in fit["models"].items():
+            lines.append(
+                f"  {model} ({entry['params'] / 1e6:.2f}M params, batch {entry['batch']},"
+                f" {entry['steps_per_round']} steps a round; constrained leaves"
+                f" {entry['constrained']}):"
+            )
+            for key, val in entry["ratios"].items():
+                lines.append(f"    {key:32s} {_fmt(val['cpu']):>20s}   ({_fmt(val['wall'])})")
+            cells = "  ".join(
+                f"{name} {t['cpu']['median_ms']:.1f}/{t['wall']['median_ms']:.1f}"
+                for name, t in entry["times"].items()
+            )
+            lines.append(f"    {cells}")
+            after = "  ".join(
+                f"{name} " + "/".join(f"{v:.2g}" for v in by.values())
+                for name, by in entry["violations_after"].items()
+            )
+            lines.append(f"    largest violation after the steps (bias/kernel): {after}")
     mat = results.get("matrix", {"skipped": True})
     if not mat.get("skipped"):
         lines += [
@@ -656,7 +766,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--only",
-        choices=("every_k", "bfloat16", "matrix", "stacked", "whole_step"),
+        choices=("every_k", "bfloat16", "matrix", "stacked", "whole_step", "fit_runtime"),
         help="run one section alone (written to <file>-<name>.json)",
     )
     args = parser.parse_args(argv)
@@ -687,6 +797,7 @@ def main(argv=None) -> dict:
         "matrix": matrix_section,
         "stacked": stacked_section,
         "whole_step": whole_step_section,
+        "fit_runtime": fit_runtime_section,
     }
     if args.only:
         results[args.only] = sections[args.only](args.quick)
@@ -710,6 +821,8 @@ def main(argv=None) -> dict:
     results["stacked"] = stacked_section(args.quick)
     print("whole training steps (compile) ...", flush=True)
     results["whole_step"] = whole_step_section(args.quick)
+    print("whole training steps (run time, against Keras's fit) ...", flush=True)
+    results["fit_runtime"] = fit_runtime_section(args.quick)
     results["seconds"] = time.perf_counter() - started
     lines = report(results)
     print("\n".join(lines))
