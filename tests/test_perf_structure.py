@@ -22,6 +22,8 @@ for the large workload.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -310,3 +312,63 @@ def test_branching_norms_of_large_leaves_match_branch_free_ones(monkeypatch, con
     assert bool(jnp.all(jnp.isfinite(branching)))
     norms = np.linalg.norm(np.asarray(branching, np.float64), axis=0)
     assert norms[3] == pytest.approx(2.0 if isinstance(constraint, oc.MaxNorm) else 1.0, rel=1e-5)
+
+
+def _whole_step_kernels(widths) -> dict[str, int]:
+    """Kernels of a whole training step (forward, backward, Adam, apply) of a tanh MLP."""
+    params = {
+        f"l{i}": {"kernel": jnp.full((a, b), 0.01), "bias": jnp.zeros(b)}
+        for i, (a, b) in enumerate(itertools.pairwise(widths))
+    }
+
+    def loss(p, x):
+        for i in range(len(widths) - 1):
+            x = jnp.tanh(x @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"])
+        return jnp.sum(x * x)
+
+    labels = oc.label_by_path({"**/kernel": "kernel", "**/bias": "bias"})
+    constraints = {"kernel": oc.MaxNorm(3.0, axis="fan_in"), "bias": oc.NonNeg()}
+
+    def keras_formula(w, label):  # Keras 3's MaxNorm and NonNeg, no overflow handling
+        if label == "bias":
+            return jnp.maximum(w, 0)
+        norms = jnp.sqrt(jnp.sum(jnp.square(w), axis=0, keepdims=True))
+        return w * (jnp.clip(norms, 0, 3.0) / (1e-7 + norms))
+
+    adam = optax.adam(1e-3)
+
+    def with_tx(tx):
+        def step(p, s, x):
+            updates, s = tx.update(jax.grad(loss)(p, x), s, p)
+            return optax.apply_updates(p, updates), s
+
+        return step
+
+    def hand(p, s, x):
+        updates, s = adam.update(jax.grad(loss)(p, x), s, p)
+        p = optax.apply_updates(p, updates)
+        return jax.tree.map(keras_formula, p, labels(p)), s
+
+    projected = optax.chain(adam, oc.project(constraints, labels))
+    x = jnp.ones((8, widths[0]))
+    steps = {"plain": (with_tx(adam), adam), "project": (with_tx(projected), projected)}
+    steps["hand"] = (hand, adam)
+    return {
+        name: _traffic.kernel_count(jax.jit(f).lower(params, tx.init(params), x).compile())
+        for name, (f, tx) in steps.items()
+    }
+
+
+@pytest.mark.parametrize("widths", [[64] * 5, [256] * 5, [64, 64, 256, 256, 256, 64]])
+def test_whole_step_kernels_are_the_keras_formulas_plus_overflow_safety(widths):
+    # Compile time tracks the kernel count (docs/performance.md, section 10).
+    # Against the hand-written Keras formula (no overflow safety), `project`
+    # may add per kernel leaf only its overflow-safe second sum: on a small
+    # leaf that sum itself (1 kernel); on a large one (>= 2**16 elements) the
+    # predicate and the conditional that skip it, and the ordering anchor (3);
+    # plus 2 for the whole step (the step counter).
+    counts = _whole_step_kernels(widths)
+    large = sum(a * b >= _base.BRANCH_SIZE for a, b in itertools.pairwise(widths))
+    small = len(widths) - 1 - large
+    assert counts["hand"] > counts["plain"]
+    assert counts["project"] <= counts["hand"] + small + 3 * large + 2
