@@ -165,14 +165,71 @@ print("REPORT" + json.dumps(report))
 """
 
 
-def _run(kind: str, context: str) -> dict:
+# A stack whose copies are sharded too: layers over "layers", each copy's
+# output units over "model" (both Explicit). A matrix constraint needs the
+# whole copy, so each copy is gathered over "model" only.
+SCRIPT_2D = r"""
+import json, re
+import numpy as np
+import jax, jax.numpy as jnp, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import optax_constraints as oc
+
+mesh = jax.make_mesh((4, 2), ("layers", "model"))  # Explicit axes
+constraints = {"spec": oc.Stacked(oc.SpectralNorm(1.0)),
+               "orth_ns": oc.Stacked(oc.Orthogonal("newton_schulz"))}
+labels = {k: k for k in constraints}
+tx = optax.chain(optax.adam(0.05), oc.project(constraints, labels))
+k1, k2 = jax.random.split(jax.random.key(1))
+params = {k: jax.random.normal(jax.random.fold_in(k1, i), (4, 64, 32))
+          for i, k in enumerate(constraints)}
+grads = {k: jax.random.normal(jax.random.fold_in(k2, i), (4, 64, 32))
+         for i, k in enumerate(constraints)}
+
+def step(tx, p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+with jax.set_mesh(mesh):
+    p_sh = jax.device_put(params, NamedSharding(mesh, P("layers", None, "model")))
+    s_sh = jax.jit(tx.init)(p_sh)
+    jitted = jax.jit(lambda p, s, g: step(tx, p, s, g))
+    g_sh = jax.device_put(grads, NamedSharding(mesh, P("layers", None, "model")))
+    out, _ = jitted(p_sh, s_sh, g_sh)
+    hlo = jitted.lower(p_sh, s_sh, g_sh).compile().as_text()
+
+inner = {k: c.constraint for k, c in constraints.items()}
+tx_copy = optax.chain(optax.adam(0.05), oc.project(inner, labels))
+one = jax.devices()[0]
+ref = []
+for i in range(4):
+    p_i = jax.device_put({k: v[i] for k, v in params.items()}, one)
+    g_i = jax.device_put({k: v[i] for k, v in grads.items()}, one)
+    ref.append(jax.jit(lambda p, s, g: step(tx_copy, p, s, g))(p_i, tx_copy.init(p_i), g_i)[0])
+report = {"leaves": {}, "gathers": []}
+for k in constraints:
+    r = np.stack([np.asarray(x[k], np.float64) for x in ref])
+    report["leaves"][k] = {
+        "per_copy_diff": float(np.max(np.abs(np.asarray(out[k], np.float64) - r))),
+        "scale": float(np.max(np.abs(r))),
+        "same_sharding": bool(out[k].sharding.is_equivalent_to(p_sh[k].sharding, 3)),
+    }
+for line in hlo.splitlines():
+    m = re.search(r"=\s*([a-z0-9]+\[[0-9,]*\])\S*\s+all-gather(-start)?\(", line)
+    if m:
+        report["gathers"].append([int(d) for d in re.findall(r"\[([0-9,]*)\]", m.group(1))[0].split(",") if d])
+print("REPORT" + json.dumps(report))
+"""
+
+
+def _run(kind: str, context: str, script: str = SCRIPT) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, kind, context],
+        [sys.executable, "-c", script, kind, context],
         env=env,
         capture_output=True,
         text=True,
@@ -300,3 +357,15 @@ def test_each_layer_satisfies_its_constraint(report):
     assert per_layer["simplex_min"] >= 0
     assert per_layer["l1_max_norm"] <= 1 + 2 * 32 * EPS
     assert per_layer["bias_min"] >= 0
+
+
+def test_a_stack_sharded_within_copies_too_gathers_each_copy_only():
+    report = _run("Explicit", "set_mesh", SCRIPT_2D)
+    for name, leaf in report["leaves"].items():
+        assert leaf["same_sharding"], name
+        # One step: one projection's roundings (ROUNDINGS above).
+        assert leaf["per_copy_diff"] <= ROUNDINGS[name] * EPS * leaf["scale"], (name, leaf)
+    # Each device gathers its own layer's (64, 32) copy over "model", never
+    # the stack of 4.
+    assert report["gathers"], "a matrix constraint needs the whole copy"
+    assert all(shape == [1, 64, 32] for shape in report["gathers"]), report["gathers"]

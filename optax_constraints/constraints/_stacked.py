@@ -91,6 +91,9 @@ class Stacked(Constraint):
       `optax.apply_updates`, and schedules are evaluated at the step.
     * `init` rejects a leaf without the stack axes, or whose copies the
       wrapped constraint rejects, naming the leaf.
+    * On a stack sharded by layer (`Explicit` or `Auto` mesh axes), each
+      copy is projected on the devices that hold it, loops and all, and
+      the outputs keep the leaf's sharding (docs/multihost.md).
 
     Args:
       constraint: the constraint for one copy: any `oc.Constraint` (custom
