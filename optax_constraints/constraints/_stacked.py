@@ -29,10 +29,12 @@ from typing import cast
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_constraints.constraints._base import Constraint, FunctionConstraint
 from optax_constraints.constraints._registry import get, serialize
 from optax_constraints.projections._axis import _as_int
+from optax_constraints.projections._sharding import explicit_mesh_axes
 
 STACK_AXIS_HELP = (
     "stack_axis must be an int or a non-empty tuple/list of distinct ints (negative"
@@ -89,6 +91,9 @@ class Stacked(Constraint):
       `optax.apply_updates`, and schedules are evaluated at the step.
     * `init` rejects a leaf without the stack axes, or whose copies the
       wrapped constraint rejects, naming the leaf.
+    * On a stack sharded by layer (`Explicit` or `Auto` mesh axes), each
+      copy is projected on the devices that hold it, loops and all, and
+      the outputs keep the leaf's sharding (docs/multihost.md).
 
     Args:
       constraint: the constraint for one copy: any `oc.Constraint` (custom
@@ -157,7 +162,7 @@ class Stacked(Constraint):
                 return tuple(at if k == "leaf" else 0 for k in kinds)
 
             fn = jax.vmap(fn, in_axes=spec(in_kinds), out_axes=spec(out_kinds))
-        return fn
+        return _off_explicit_stack_axes(fn, stacked, in_kinds, out_kinds)
 
     # -- Constraint ----------------------------------------------------------
 
@@ -262,6 +267,42 @@ class Stacked(Constraint):
 
     def __repr__(self):
         return f"Stacked({self.constraint!r}, stack_axis={self.stack_axis!r})"
+
+
+def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
+    """`mapped` run with the mesh axes that shard the stack axes made `Auto`.
+
+    `jax.vmap` over an axis sharded on an `Explicit` mesh axis puts that
+    axis in the type of everything it batches. Its rule for a loop
+    (`while_loop`, `fori_loop`, `scan`) does that to a carry that starts
+    unbatched and is batched by the body, and such a carry, made from a
+    constant (an iteration count, a flag, a start vector), has a type
+    without a mesh: JAX 0.10 then fails to trace ("Resource axis: layers
+    ... not found in mesh: ()"). SpectralNorm's power method,
+    Newton-Schulz with `stop_early` and the simplex threshold all loop
+    like that, and so may any custom constraint. With those mesh axes
+    `Auto` inside (`jax.sharding.auto_axes`), the stack is typed unsharded,
+    the compiler keeps each copy on the devices that hold it (as on an
+    `Auto` mesh), and the outputs get their shardings back: the leaf's
+    for leaf outputs, the stack axes' for per-copy ones (states).
+    """
+
+    def run(*args):
+        leaf = args[in_kinds.index("leaf")]
+        axes = explicit_mesh_axes(leaf, stacked)
+        if not axes:
+            return mapped(*args)
+        sharding = jax.typeof(leaf).sharding
+        spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
+        per_copy = NamedSharding(sharding.mesh, PartitionSpec(*(spec[a] for a in stacked)))
+
+        def out(kind):
+            return sharding if kind == "leaf" else per_copy
+
+        outs = out(out_kinds) if isinstance(out_kinds, str) else tuple(map(out, out_kinds))
+        return jax.sharding.auto_axes(mapped, axes=axes, out_sharding=outs)(*args)
+
+    return run
 
 
 def _output_last(w):

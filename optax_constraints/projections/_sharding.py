@@ -45,6 +45,29 @@ def shard_counts(x: jax.Array) -> tuple[int, ...]:
     return tuple(counts)
 
 
+def explicit_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
+    """The `Explicit` mesh axes that `x`'s type shards its `axes` over, in order.
+
+    Empty when those axes are not sharded, sharded over `Auto` axes only,
+    or `x` lives on one device.
+
+    >>> import jax.numpy as jnp
+    >>> explicit_mesh_axes(jnp.ones((2, 3)), (0,))
+    ()
+    """
+    sharding = _sharding(x)
+    if sharding is None:
+        return ()
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    explicit = set(sharding.mesh.explicit_axes)
+    return tuple(
+        name
+        for a in axes
+        for name in ((spec[a],) if isinstance(spec[a], str) else spec[a] or ())
+        if name in explicit
+    )
+
+
 def gathered(x: jax.Array) -> jax.Array:
     """`x` replicated, if its type shards it over `Explicit` mesh axes; else `x`.
 
