@@ -3,6 +3,7 @@
 import inspect
 import os
 
+import numpy as np
 from hypothesis import HealthCheck, settings
 
 import optax_constraints as oc
@@ -30,6 +31,69 @@ SCALE = 10 if PROFILE == "dev" else 1
 def examples(n: int) -> settings:
     """The selected profile with `n` examples (x10 under the dev profile)."""
     return settings(settings.get_profile(PROFILE), max_examples=n * SCALE)
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+"""float32 machine epsilon, 2**-23: the spacing of float32 numbers in [1, 2)."""
+
+
+def ulps(scale, k: float, dtype=np.float32) -> float:
+    """`k` units of `dtype`'s epsilon at the magnitude `scale`: `k * eps * max|scale|`.
+
+    The rounding bound every float tolerance in the suite is built from. In
+    the standard model of floating-point arithmetic each rounded operation
+    returns `x (1 + d)` with `|d| <= u = eps / 2`, so a value formed by `k`
+    rounded operations on operands of magnitude at most `s` is off by at most
+    `gamma_k s ~ k u s` (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., section 3.1), whatever the order of the operations:
+    the bound holds for the sums that XLA vectorizes differently on Intel
+    and AMD. Counting `k * eps` (twice `gamma_k`) leaves room for a final
+    rounding on each side of the comparison. A norm over `n` terms and a
+    rescaling by it, for example, is `n + 2` roundings (`norm_ulps`). The
+    caller counts `k` from the computation, never from an observed error.
+
+    >>> ulps(2.0, 4) == 8 * EPS32
+    True
+    """
+    return float(k) * float(np.finfo(dtype).eps) * float(np.max(np.abs(scale), initial=0.0))
+
+
+def norm_ulps(n: int) -> int:
+    """Roundings in a unit's norm over `n` entries and a rescaling by it: `n + 2`.
+
+    `n` products and `n - 1` additions (the sum of squares: relative error
+    `gamma_n`), the square root (halves that, adds one) and the division and
+    product of the rescaling (two more), so `n + 2` bounds the relative error
+    of a projected norm with room to spare (see `ulps`).
+
+    >>> norm_ulps(16)
+    18
+    """
+    return int(n) + 2
+
+
+def assert_close_ulps(actual, reference, k: float, *, scale=None, dtype=np.float32, err_msg=""):
+    """Asserts `|actual - reference| <= ulps(scale, k, dtype)`, elementwise.
+
+    With `scale=None` the bound is relative to each entry, `k * eps *
+    |reference|` (for a value that is a product or quotient of rounded
+    factors: a rescaled entry, a norm); give `scale` (e.g. the largest input
+    magnitude) for an absolute bound where the value is a sum whose terms
+    are larger than the result (a difference, a mean, a thresholded entry).
+    `reference` should be independent of the code under test (NumPy in
+    float64 on the same float32 inputs).
+
+    >>> assert_close_ulps(np.float32(1.0) + EPS32, 1.0, 1)
+    """
+    reference = np.asarray(reference, np.float64)
+    actual = np.asarray(actual, np.float64)
+    eps = float(np.finfo(dtype).eps)
+    if scale is None:
+        np.testing.assert_allclose(actual, reference, rtol=k * eps, atol=0, err_msg=err_msg)
+    else:
+        np.testing.assert_allclose(
+            actual, reference, rtol=0, atol=ulps(scale, k, dtype), err_msg=err_msg
+        )
 
 
 WRAPPERS = (oc.Stacked, oc.OutputFirst)
