@@ -72,6 +72,24 @@ def norm_ulps(n: int) -> int:
     return int(n) + 2
 
 
+KERAS_EPSILON = 1e-7
+"""Keras's `backend.epsilon()`, added to the norm in the norm constraints' denominators."""
+
+
+def rescaled_norm_rtol(n: int, smallest_norm: float) -> float:
+    """Relative error of a unit's norm that MaxNorm/MinMaxNorm/UnitNorm set to a target.
+
+    The `norm_ulps(n)` roundings of the norm and the rescaling, plus Keras's
+    epsilon: `w * t / (1e-7 + |w|)` has norm `t |w| / (|w| + 1e-7)`, short of
+    `t` by less than `1e-7 / |w|` relative. `smallest_norm` is a lower bound
+    on the units' norms before the projection (for a binding MaxNorm, the bound).
+
+    >>> rescaled_norm_rtol(2, 1.0) == 4 * EPS32 + 1e-7
+    True
+    """
+    return norm_ulps(n) * EPS32 + KERAS_EPSILON / float(smallest_norm)
+
+
 def assert_close_ulps(actual, reference, k: float, *, scale=None, dtype=np.float32, err_msg=""):
     """Asserts `|actual - reference| <= ulps(scale, k, dtype)`, elementwise.
 
