@@ -114,6 +114,26 @@ def assert_close_ulps(actual, reference, k: float, *, scale=None, dtype=np.float
         )
 
 
+def central_difference_slack(f64, h, rounding):
+    """How far a float32 central difference `(f(h) - f(-h)) / 2h` may be from `f'(0)`.
+
+    Truncation, `h^2 / 6` times the largest third derivative on `[-h, h]`,
+    that derivative taken from the float64 reference `f64` (the 4-point
+    stencil on `[-2h, 2h]` and on `[-h, h]`; a kink inside shows up as a
+    large value, so this errs on the safe side there), plus rounding: each
+    float32 value is off by at most `rounding`, their difference over `2h`
+    by `rounding / h`.
+
+    >>> round(central_difference_slack(lambda t: t**3, 0.1, 0.0), 12)  # (h^2 / 6) * 6
+    0.01
+    """
+
+    def third(step):
+        return abs(f64(2 * step) - 2 * f64(step) + 2 * f64(-step) - f64(-2 * step)) / (2 * step**3)
+
+    return h**2 / 6 * max(third(h), third(h / 2)) + rounding / h
+
+
 WRAPPERS = (oc.Stacked, oc.OutputFirst)
 """Constraints that wrap another one: built from an instance, not from hyper-parameters."""
 

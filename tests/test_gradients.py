@@ -18,7 +18,14 @@ import keras
 import numpy as np
 import optax
 import pytest
-from helpers import EPS32, assert_close_ulps, constraint_instances, norm_ulps, ulps
+from helpers import (
+    EPS32,
+    assert_close_ulps,
+    central_difference_slack,
+    constraint_instances,
+    norm_ulps,
+    ulps,
+)
 
 import optax_constraints as oc
 
@@ -77,23 +84,6 @@ def keras_formula_64(constraint, w):
         clipped = np.clip(norms, constraint.min_value, constraint.max_value)
         desired = constraint.rate * clipped + (1 - constraint.rate) * norms
     return w * desired / (EPS + norms)
-
-
-def central_difference_slack(f64, h, rounding):
-    """How far a float32 central difference `(f(h) - f(-h)) / 2h` may be from `f'(0)`.
-
-    Truncation, `h^2 / 6` times the largest third derivative on `[-h, h]`,
-    that derivative taken from the float64 reference `f64` (the 4-point
-    stencil on `[-2h, 2h]` and on `[-h, h]`; a kink inside shows up as a
-    large value, so this errs on the safe side there), plus rounding: each
-    float32 value is off by at most `rounding`, their difference over `2h`
-    by `rounding / h`.
-    """
-
-    def third(step):
-        return abs(f64(2 * step) - 2 * f64(step) + 2 * f64(-step) - f64(-2 * step)) / (2 * step**3)
-
-    return h**2 / 6 * max(third(h), third(h / 2)) + rounding / h
 
 
 def _cotangent(shape):
