@@ -90,6 +90,20 @@ def rescaled_norm_rtol(n: int, smallest_norm: float) -> float:
     return norm_ulps(n) * EPS32 + KERAS_EPSILON / float(smallest_norm)
 
 
+def update_form_error(after, before):
+    """Per entry, the rounding `project` adds by returning `u' = C(p + u) - p`.
+
+    `optax.apply_updates` then forms `p + u'`: two float32 roundings, an ulp of
+    `|u'| = |after - before|` and one of `|after|`, where `before` is `p`, the
+    leaf before the step (not the moved point `p + u`).
+
+    >>> float(update_form_error(np.float32(1.0), np.float32(3.0))) == 3 * EPS32
+    True
+    """
+    after, before = np.asarray(after, np.float64), np.asarray(before, np.float64)
+    return EPS32 * (np.abs(after - before) + np.abs(after))
+
+
 def assert_close_ulps(actual, reference, k: float, *, scale=None, dtype=np.float32, err_msg=""):
     """Asserts `|actual - reference| <= ulps(scale, k, dtype)`, elementwise.
 
