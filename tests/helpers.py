@@ -1,4 +1,8 @@
-"""Helpers shared by several test modules: Hypothesis profiles, the classes under test."""
+"""Helpers shared by several test modules.
+
+Hypothesis profiles, the classes under test, and the float32 rounding bounds
+the tolerances are built from (`ulps` and the functions after it).
+"""
 
 import inspect
 import os
