@@ -106,7 +106,8 @@ def feasibility_slack(constraint, w, p) -> float:
       entry lies in `[-m, 0]`, so the threshold is off by `norm_ulps(n)` ulps
       of `m` and the `n` outputs' sum by `n` times that;
     * the spectral ball: the SVD's backward error (one Householder reflection
-      per row and column) and the product `U min(S, m) V^T` over `size` terms;
+      per row and column, relative to sigma_max(w), so sigma_max(w) / m of the
+      bound) and the product `U min(S, m) V^T`;
     * the mean of `CenterAround`: a sum over `n` entries of `w`, two roundings more;
     * `NonNeg`, `Clip`: 0 (they select an entry or the bound, exactly).
     """
@@ -118,7 +119,9 @@ def feasibility_slack(constraint, w, p) -> float:
     if isinstance(constraint, oc.CenterAround):
         return ulps(w, norm_ulps(n))
     if isinstance(constraint, oc.SpectralNorm):
-        return ulps(p, norm_ulps(w.size))
+        rows, cols = int(np.prod(w.shape[:-1])), w.shape[-1]
+        sigma = np.linalg.norm(w.reshape(rows, cols), 2)
+        return ulps(p, norm_ulps(rows + cols) * sigma / constraint.max_value)
     return ulps(p, norm_ulps(n))
 
 
