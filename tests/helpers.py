@@ -1,8 +1,13 @@
-"""Helpers shared by several test modules: Hypothesis profiles, the classes under test."""
+"""Helpers shared by several test modules.
+
+Hypothesis profiles, the classes under test, and the float32 rounding bounds
+the tolerances are built from (`ulps` and the functions after it).
+"""
 
 import inspect
 import os
 
+import numpy as np
 from hypothesis import HealthCheck, settings
 
 import optax_constraints as oc
@@ -30,6 +35,121 @@ SCALE = 10 if PROFILE == "dev" else 1
 def examples(n: int) -> settings:
     """The selected profile with `n` examples (x10 under the dev profile)."""
     return settings(settings.get_profile(PROFILE), max_examples=n * SCALE)
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+"""float32 machine epsilon, 2**-23: the spacing of float32 numbers in [1, 2)."""
+
+
+def ulps(scale, k: float, dtype=np.float32) -> float:
+    """`k` units of `dtype`'s epsilon at the magnitude `scale`: `k * eps * max|scale|`.
+
+    The rounding bound every float tolerance in the suite is built from. In
+    the standard model of floating-point arithmetic each rounded operation
+    returns `x (1 + d)` with `|d| <= u = eps / 2`, so a value formed by `k`
+    rounded operations on operands of magnitude at most `s` is off by at most
+    `gamma_k s ~ k u s` (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., section 3.1), whatever the order of the operations:
+    the bound holds for the sums that XLA vectorizes differently on Intel
+    and AMD. Counting `k * eps` (twice `gamma_k`) leaves room for a final
+    rounding on each side of the comparison. A norm over `n` terms and a
+    rescaling by it, for example, is `n + 2` roundings (`norm_ulps`). The
+    caller counts `k` from the computation, never from an observed error.
+
+    >>> ulps(2.0, 4) == 8 * EPS32
+    True
+    """
+    return float(k) * float(np.finfo(dtype).eps) * float(np.max(np.abs(scale), initial=0.0))
+
+
+def norm_ulps(n: int) -> int:
+    """Roundings in a unit's norm over `n` entries and a rescaling by it: `n + 2`.
+
+    `n` products and `n - 1` additions (the sum of squares: relative error
+    `gamma_n`), the square root (halves that, adds one) and the division and
+    product of the rescaling (two more), so `n + 2` bounds the relative error
+    of a projected norm with room to spare (see `ulps`).
+
+    >>> norm_ulps(16)
+    18
+    """
+    return int(n) + 2
+
+
+KERAS_EPSILON = 1e-7
+"""Keras's `backend.epsilon()`, added to the norm in the norm constraints' denominators."""
+
+
+def rescaled_norm_rtol(n: int, smallest_norm: float) -> float:
+    """Relative error of a unit's norm that MaxNorm/MinMaxNorm/UnitNorm set to a target.
+
+    The `norm_ulps(n)` roundings of the norm and the rescaling, plus Keras's
+    epsilon: `w * t / (1e-7 + |w|)` has norm `t |w| / (|w| + 1e-7)`, short of
+    `t` by less than `1e-7 / |w|` relative. `smallest_norm` is a lower bound
+    on the units' norms before the projection (for a binding MaxNorm, the bound).
+
+    >>> rescaled_norm_rtol(2, 1.0) == 4 * EPS32 + 1e-7
+    True
+    """
+    return norm_ulps(n) * EPS32 + KERAS_EPSILON / float(smallest_norm)
+
+
+def update_form_error(after, before):
+    """Per entry, the rounding `project` adds by returning `u' = C(p + u) - p`.
+
+    `optax.apply_updates` then forms `p + u'`: two float32 roundings, an ulp of
+    `|u'| = |after - before|` and one of `|after|`, where `before` is `p`, the
+    leaf before the step (not the moved point `p + u`).
+
+    >>> float(update_form_error(np.float32(1.0), np.float32(3.0))) == 3 * EPS32
+    True
+    """
+    after, before = np.asarray(after, np.float64), np.asarray(before, np.float64)
+    return EPS32 * (np.abs(after - before) + np.abs(after))
+
+
+def assert_close_ulps(actual, reference, k: float, *, scale=None, dtype=np.float32, err_msg=""):
+    """Asserts `|actual - reference| <= ulps(scale, k, dtype)`, elementwise.
+
+    With `scale=None` the bound is relative to each entry, `k * eps *
+    |reference|` (for a value that is a product or quotient of rounded
+    factors: a rescaled entry, a norm); give `scale` (e.g. the largest input
+    magnitude) for an absolute bound where the value is a sum whose terms
+    are larger than the result (a difference, a mean, a thresholded entry).
+    `reference` should be independent of the code under test (NumPy in
+    float64 on the same float32 inputs).
+
+    >>> assert_close_ulps(np.float32(1.0) + EPS32, 1.0, 1)
+    """
+    reference = np.asarray(reference, np.float64)
+    actual = np.asarray(actual, np.float64)
+    eps = float(np.finfo(dtype).eps)
+    if scale is None:
+        np.testing.assert_allclose(actual, reference, rtol=k * eps, atol=0, err_msg=err_msg)
+    else:
+        np.testing.assert_allclose(
+            actual, reference, rtol=0, atol=ulps(scale, k, dtype), err_msg=err_msg
+        )
+
+
+def central_difference_slack(f64, h, rounding):
+    """How far a float32 central difference `(f(h) - f(-h)) / 2h` may be from `f'(0)`.
+
+    Truncation, `h^2 / 6` times the largest third derivative on `[-h, h]`,
+    that derivative taken from the float64 reference `f64` (the 4-point
+    stencil on `[-2h, 2h]` and on `[-h, h]`; a kink inside shows up as a
+    large value, so this errs on the safe side there), plus rounding: each
+    float32 value is off by at most `rounding`, their difference over `2h`
+    by `rounding / h`.
+
+    >>> round(central_difference_slack(lambda t: t**3, 0.1, 0.0), 12)  # (h^2 / 6) * 6
+    0.01
+    """
+
+    def third(step):
+        return abs(f64(2 * step) - 2 * f64(step) + 2 * f64(-step) - f64(-2 * step)) / (2 * step**3)
+
+    return h**2 / 6 * max(third(h), third(h / 2)) + rounding / h
 
 
 WRAPPERS = (oc.Stacked, oc.OutputFirst)

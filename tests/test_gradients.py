@@ -18,7 +18,14 @@ import keras
 import numpy as np
 import optax
 import pytest
-from helpers import constraint_instances
+from helpers import (
+    EPS32,
+    assert_close_ulps,
+    central_difference_slack,
+    constraint_instances,
+    norm_ulps,
+    ulps,
+)
 
 import optax_constraints as oc
 
@@ -59,6 +66,24 @@ def _corner_arrays() -> dict[str, np.ndarray]:
 
 
 CORNERS = _corner_arrays()
+
+
+def keras_formula_64(constraint, w):
+    """`constraint`'s Keras formula on axis 0, in float64 NumPy, written here."""
+    w = np.asarray(w, np.float64)
+    if constraint is None:
+        return w
+    if isinstance(constraint, oc.NonNeg):
+        return np.maximum(w, 0)
+    norms = np.sqrt(np.sum(w * w, axis=0, keepdims=True))
+    if isinstance(constraint, oc.UnitNorm):
+        return w / (EPS + norms)
+    if isinstance(constraint, oc.MaxNorm):
+        desired = np.clip(norms, 0, constraint.max_value)
+    else:
+        clipped = np.clip(norms, constraint.min_value, constraint.max_value)
+        desired = constraint.rate * clipped + (1 - constraint.rate) * norms
+    return w * desired / (EPS + norms)
 
 
 def _cotangent(shape):
@@ -139,11 +164,19 @@ def test_gradient_at_zero_unit_is_the_true_derivative(constraint, slope):
     # (d(0) = rate * min_value; 0 for MaxNorm; 1 for UnitNorm).
     w = jnp.zeros((3, 2))
     jac = jax.jacobian(constraint)(w).reshape(6, 6)
-    np.testing.assert_allclose(np.asarray(jac), slope * np.eye(6), rtol=1e-6)
+    # Three roundings: float32(1e-7), rate * min_value and the quotient.
+    assert_close_ulps(np.asarray(jac), slope * np.eye(6), 3)
     # ... and the forward value agrees with the slope: C(t v) ~ slope * t v.
     t_v = jnp.full((3, 2), 1e-12)
+    # Next order: C(tv) - slope tv = tv [(d(n) - d(0)) - slope n] / (EPS + n) with
+    # n = |tv| = sqrt(3) 1e-12 and d 1-Lipschitz: at most tv (n / EPS)(1 + slope).
+    n = np.sqrt(3) * 1e-12
+    truncation = 1e-12 * n / EPS * (1 + slope)
+    # Rounding: float32(1e-12), the unit's norm and the rescaling (norm_ulps(3)),
+    # the rate's product and sum.
+    rounding = ulps(slope * 1e-12, norm_ulps(3) + 3)
     np.testing.assert_allclose(
-        np.asarray(constraint(t_v)), slope * 1e-12, rtol=1e-4, atol=1e-12 * 1e-4
+        np.asarray(constraint(t_v)), slope * 1e-12, rtol=0, atol=truncation + rounding
     )
 
 
@@ -166,7 +199,19 @@ def test_gradient_matches_finite_differences(constraint):
         return float(jnp.sum(constraint(jnp.asarray(x, jnp.float32)) * v))
 
     numeric = (loss(w + h * direction) - loss(w - h * direction)) / (2 * h)
-    np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=2e-2, atol=2e-3)
+    v64, w64, d64 = np.asarray(v, np.float64), np.asarray(w, np.float64), direction.astype(float)
+
+    def loss64(t):
+        return float(np.sum(keras_formula_64(constraint, w64 + t * d64) * v64))
+
+    # One float32 loss: each entry of C carries norm_ulps(3) roundings (units
+    # of 3), the 12-term sum 12 more; the input w +- h d is rounded (an ulp of
+    # |w|, through the gradient). The gradient's own error: norm_ulps(3).
+    terms = max(np.abs(keras_formula_64(constraint, w64 + t * d64) * v64).sum() for t in (-h, h))
+    rounding = ulps(terms, norm_ulps(3) + 12) + ulps(np.sum(np.abs(grad * w64)), 1)
+    slack = central_difference_slack(loss64, h, rounding)
+    slack += ulps(np.sum(np.abs(grad * d64)), norm_ulps(3))
+    np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=0, atol=slack)
 
 
 # --- gradients through a whole training step -------------------------------------
@@ -208,6 +253,88 @@ STEP_CONSTRAINTS = {
 }
 
 
+MASK = np.array([1, 1, 0, 1, 1], np.float64)  # `_loss`'s dead unit
+
+
+def _forward_64(p, x, err=None):
+    """`_loss`'s network in float64, with a bound on its float32 rounding.
+
+    Running error analysis (Higham 2002, ch. 3): a sum of `n` products adds
+    `n` ulps of the sum of |terms| (one more for the bias), and errors in the
+    inputs (`err`, per parameter) propagate through |x| and |W|.
+    """
+    err = err or {k: {n: 0 * v for n, v in d.items()} for k, d in p.items()}
+    k0, b0, k1, b1 = (p[k][n] for k in ("dense_0", "dense_1") for n in ("kernel", "bias"))
+    pre = x @ k0 + b0
+    err_pre = ulps(1.0, 5) * (np.abs(x) @ np.abs(k0) + np.abs(b0))
+    err_pre += np.abs(x) @ err["dense_0"]["kernel"] + err["dense_0"]["bias"]
+    h, err_h = np.maximum(pre, 0) * MASK, err_pre * MASK  # relu is 1-Lipschitz
+    out = h @ k1 + b1
+    err_out = ulps(1.0, 6) * (np.abs(h) @ np.abs(k1) + np.abs(b1)) + err_h @ np.abs(k1)
+    err_out += np.abs(h) @ err["dense_1"]["kernel"] + err["dense_1"]["bias"]
+    return pre, h, err_h, out, err_out
+
+
+def step_loss_64(params, lr, constraints, x, y):
+    """`_loss(_one_step(params, lr, ...))` in float64 NumPy, and a bound on the float32 error.
+
+    The same step written here: manual backprop, `p - lr g`, the Keras
+    formulas (`keras_formula_64`), the loss at the new parameters. The bound
+    follows every rounding (`_forward_64`); the gradient's sums are over the
+    batch of 8 (and the 2 outputs); `p - lr g` adds 2 ulps; a projection adds
+    `norm_ulps(5)` of each entry and scales incoming errors by at most
+    `max(1, target / norm)` per unit (its Lipschitz constant).
+    """
+    p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    pre, h, err_h, out, err_out = _forward_64(p, x)
+    n_out = out.size
+    dout = 2 * (out - y) / n_out
+    err_dout = 2 / n_out * (err_out + ulps(np.abs(out) + np.abs(y), 1)) + ulps(np.abs(dout), 2)
+    k1 = p["dense_1"]["kernel"]
+    active = MASK * (pre > 0)
+    dh = (dout @ k1.T) * active
+    err_dh = (ulps(1.0, 2) * np.abs(dout) @ np.abs(k1.T) + err_dout @ np.abs(k1.T)) * active
+    grads = {
+        "dense_0": {"kernel": x.T @ dh, "bias": dh.sum(0)},
+        "dense_1": {"kernel": h.T @ dout, "bias": dout.sum(0)},
+    }
+    err_g = {
+        "dense_0": {
+            "kernel": ulps(1.0, 8) * np.abs(x.T) @ np.abs(dh) + np.abs(x.T) @ err_dh,
+            "bias": ulps(1.0, 8) * np.abs(dh).sum(0) + err_dh.sum(0),
+        },
+        "dense_1": {
+            "kernel": ulps(1.0, 8) * np.abs(h.T) @ np.abs(dout)
+            + np.abs(h.T) @ err_dout
+            + err_h.T @ np.abs(dout),
+            "bias": ulps(1.0, 8) * np.abs(dout).sum(0) + err_dout.sum(0),
+        },
+    }
+    new, err_new = {}, {}
+    for k, d in p.items():
+        new[k], err_new[k] = {}, {}
+        for n, value in d.items():
+            moved = value - lr * grads[k][n]
+            err_moved = lr * err_g[k][n] + ulps(1.0, 2) * (np.abs(value) + lr * np.abs(grads[k][n]))
+            projected = keras_formula_64(constraints[n], moved)
+            gain = 1.0
+            if constraints[n] is not None and not isinstance(constraints[n], oc.NonNeg):
+                # Near a zero unit the slope is d(0) / EPS (see the test above).
+                norms = np.sqrt(np.sum(moved**2, axis=0))
+                ratio = np.sqrt(np.sum(projected**2, axis=0)) / np.where(norms > 0, norms, 1)
+                gain = np.maximum(1.0, np.where(norms > 0, ratio, 1 / EPS))
+                err_moved = gain * np.sqrt(np.sum(err_moved**2, axis=0, keepdims=True))
+            new[k][n] = projected
+            err_new[k][n] = err_moved + ulps(1.0, norm_ulps(5)) * np.abs(projected)
+    *_, out, err_out = _forward_64(new, x, err_new)
+    r = out - y
+    err_r = err_out + ulps(np.abs(out) + np.abs(y), 1)
+    loss = float(np.mean(r**2))
+    err_loss = float(np.mean(2 * np.abs(r) * err_r + err_r**2) + ulps(np.mean(r**2), 17))
+    return loss, err_loss
+
+
 def _labels():
     return oc.label_by_path({"**/kernel": "kernel", "**/bias": "bias"})
 
@@ -233,7 +360,15 @@ def test_meta_gradient_wrt_learning_rate(name):
     assert np.isfinite(meta)
     h = 1e-3
     numeric = (float(validation_loss(lr + h)) - float(validation_loss(lr - h))) / (2 * h)
-    np.testing.assert_allclose(meta, numeric, rtol=5e-2, atol=1e-3)
+
+    def loss64(t):
+        return step_loss_64(params, lr + t, constraints, x, y)[0]
+
+    # The float32 loss's rounding (bounded in `step_loss_64`) at both points;
+    # the derivative's own, by the same count, is far below that over 2h.
+    rounding = max(step_loss_64(params, lr + t, constraints, x, y)[1] for t in (-h, h))
+    slack = central_difference_slack(loss64, h, rounding)
+    np.testing.assert_allclose(meta, numeric, rtol=0, atol=slack)
 
     if keras_constraints is not None:
         # The step's forward values are Keras's: constraint(param - lr * grad).
@@ -242,10 +377,17 @@ def test_meta_gradient_wrt_learning_rate(name):
         for layer in params:
             for leaf, kc in keras_constraints.items():
                 moved = params[layer][leaf] - lr * grads[layer][leaf]
-                expected = np.asarray(jax.jit(kc.__call__)(moved))
-                np.testing.assert_allclose(
-                    np.asarray(new[layer][leaf]), expected, rtol=2e-6, atol=1e-7
+                expected = np.asarray(jax.jit(kc.__call__)(moved), np.float64)
+                # Each side's rounding of the formula (units of at most 5), then
+                # p + u' with u' = C(moved) - p: an ulp of |u'| and of the result.
+                before = np.asarray(params[layer][leaf], np.float64)
+                tol = EPS32 * (
+                    2 * norm_ulps(5) * np.abs(expected)
+                    + np.abs(expected - before)
+                    + np.abs(expected)
                 )
+                excess = np.abs(np.asarray(new[layer][leaf], np.float64) - expected) - tol
+                assert excess.max() <= 0, (layer, leaf, excess.max())
 
 
 @pytest.mark.parametrize("name", sorted(STEP_CONSTRAINTS))

@@ -22,6 +22,7 @@ from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
 from flax.training import train_state
+from helpers import assert_close_ulps, norm_ulps, rescaled_norm_rtol, ulps
 
 import optax_constraints as oc
 
@@ -219,8 +220,9 @@ def test_project_routes_by_path_on_every_tree_kind(kind):
     new = by_path(optax.apply_updates(params, updates))
     old = by_path(params)
     kernel_norms = unit_norms(new["Dense_0/kernel"], axis=0)
-    assert kernel_norms.max() <= 0.1 * (1 + 1e-5)
-    np.testing.assert_allclose(kernel_norms, 0.1, rtol=1e-5)  # all were above 0.1
+    rtol = rescaled_norm_rtol(new["Dense_0/kernel"].shape[0], 0.1)
+    assert kernel_norms.max() <= 0.1 * (1 + rtol)
+    np.testing.assert_allclose(kernel_norms, 0.1, rtol=rtol)  # all were above 0.1
     assert np.min(new["Dense_0/bias"]) >= 0.0
     # LayerNorm is labelled "norm" -> None: untouched, bit for bit.
     for name in ("LayerNorm_0/scale", "LayerNorm_0/bias"):
@@ -384,7 +386,9 @@ def test_none_leaves_stay_none_and_count_as_matched():
     assert labels == {"Dense_0": {"kernel": "k", "bias": None}, "extra": None}
     new = oc.apply_constraints(params, {"k": oc.UnitNorm(), "b": oc.NonNeg()}, labels_fn)
     assert new["Dense_0"]["bias"] is None and new["extra"] is None
-    np.testing.assert_allclose(new["Dense_0"]["kernel"], [[0.6], [0.8]], rtol=1e-6)
+    # Exact: 3^2 + 4^2 = 25 and its root are exact, 5 + 1e-7 rounds to 5 in
+    # float32, so the entries are the correctly rounded quotients 3/5 and 4/5.
+    np.testing.assert_array_equal(new["Dense_0"]["kernel"], np.float32([[0.6], [0.8]]))
 
 
 def test_masked_nodes_kept_and_project_inside_optax_masked():
@@ -401,7 +405,9 @@ def test_masked_nodes_kept_and_project_inside_optax_masked():
     state = tx.init(params)
     updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
     new = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(unit_norms(new["enc"]["kernel"], 0), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        unit_norms(new["enc"]["kernel"], 0), 1.0, rtol=rescaled_norm_rtol(2, 1.0)
+    )
     np.testing.assert_array_equal(new["dec"]["kernel"], params["dec"]["kernel"])
 
 
@@ -429,7 +435,9 @@ def test_plain_dict_labels_fit_other_containers(kind):
         oc.apply_constraints(params, {"kernel": oc.UnitNorm(), "bias": oc.NonNeg()}, labels)
     )
     old = by_path(params)
-    np.testing.assert_allclose(unit_norms(new["Dense_0/kernel"], 0), 1.0, rtol=1e-5)
+    kernel = old["Dense_0/kernel"]
+    rtol = rescaled_norm_rtol(kernel.shape[0], unit_norms(kernel, 0).min())
+    np.testing.assert_allclose(unit_norms(new["Dense_0/kernel"], 0), 1.0, rtol=rtol)
     assert np.min(new["Dense_0/bias"]) >= 0
     np.testing.assert_array_equal(new["LayerNorm_0/bias"], old["LayerNorm_0/bias"])
 
@@ -526,8 +534,12 @@ def test_fan_in_is_per_output_unit_for_every_kernel(case):
     )["kernel"]
     explicit = oc.MaxNorm(max_value, axis=explicit_axes)(jnp.asarray(kernel))
     np.testing.assert_array_equal(got, explicit)
-    np.testing.assert_allclose(got, keras_max_norm(kernel, max_value, explicit_axes), rtol=2e-6)
-    np.testing.assert_allclose(unit_norms(got, explicit_axes), max_value, rtol=1e-5)
+    # The same float32 formula, summed in another order: each side's rounding.
+    n = int(np.prod(kernel.shape[:-1]))
+    assert_close_ulps(got, keras_max_norm(kernel, max_value, explicit_axes), 2 * norm_ulps(n))
+    np.testing.assert_allclose(
+        unit_norms(got, explicit_axes), max_value, rtol=rescaled_norm_rtol(n, max_value)
+    )
 
 
 # --- errors at init -----------------------------------------------------------------
@@ -600,7 +612,9 @@ def test_optax_partition_with_label_by_path_under_nnx_optimizer():
     scale = np.asarray(model.LayerNorm_0.scale.get_value())
     grads = nnx.grad(lambda m: jnp.sum(m.LayerNorm_0(m.Dense_0(jnp.ones((2, 3)))) ** 2))(model)
     optimizer.update(model, grads)
-    np.testing.assert_allclose(unit_norms(model.Dense_0.kernel.get_value(), 0), 0.1, rtol=1e-5)
+    np.testing.assert_allclose(
+        unit_norms(model.Dense_0.kernel.get_value(), 0), 0.1, rtol=rescaled_norm_rtol(3, 0.1)
+    )
     np.testing.assert_array_equal(model.LayerNorm_0.scale.get_value(), scale)
 
 
@@ -969,11 +983,12 @@ def test_conv_transpose_layouts_differ_and_axes_translate(keras):
     as_flax = np.transpose(kernel, (0, 1, 3, 2))
     keras_out = np.asarray(keras.constraints.MaxNorm(1.0, axis=[0, 1, 2])(kernel))
     ours = np.asarray(oc.MaxNorm(1.0, axis=(0, 1, 3))(jnp.asarray(as_flax)))
-    np.testing.assert_allclose(np.transpose(ours, (0, 1, 3, 2)), keras_out, rtol=1e-6)
+    # Keras's formula, our sum order: each side's norm_ulps over a unit of 3*3*5.
+    assert_close_ulps(np.transpose(ours, (0, 1, 3, 2)), keras_out, 2 * norm_ulps(45))
     # Per output unit: Flax "fan_in" equals Keras axis=[0, 1, 3] on its own layout.
     keras_per_out = np.asarray(keras.constraints.MaxNorm(1.0, axis=[0, 1, 3])(kernel))
     ours_fan_in = np.asarray(oc.MaxNorm(1.0, axis="fan_in")(jnp.asarray(as_flax)))
-    np.testing.assert_allclose(np.transpose(ours_fan_in, (0, 1, 3, 2)), keras_per_out, rtol=1e-6)
+    assert_close_ulps(np.transpose(ours_fan_in, (0, 1, 3, 2)), keras_per_out, 2 * norm_ulps(36))
 
 
 def test_embedding_default_axis_is_per_feature_not_per_token(keras):
@@ -984,12 +999,16 @@ def test_embedding_default_axis_is_per_feature_not_per_token(keras):
     # Token i's vector has norm 2 (i + 1): every token is above 1.
     table = np.repeat(np.arange(1.0, 11.0, dtype=np.float32)[:, None], 4, axis=1)
     keras_default = np.asarray(keras.constraints.MaxNorm(1.0)(table))  # axis=0
-    np.testing.assert_allclose(unit_norms(keras_default, 0), 1.0, rtol=1e-5)  # per feature
+    # per feature: every feature's norm (about 19.6) is above 1
+    np.testing.assert_allclose(unit_norms(keras_default, 0), 1.0, rtol=rescaled_norm_rtol(10, 1.0))
     token_norms = unit_norms(keras_default, 1)
-    np.testing.assert_allclose(token_norms / token_norms[0], np.arange(1, 11), rtol=1e-5)
+    # Row i is (i + 1) times the rescaled first row, each entry rounded once (u),
+    # so the ratio of two rows' norms is off by at most 2u.
+    assert_close_ulps(token_norms / token_norms[0], np.arange(1, 11), 1)
     per_token = np.asarray(oc.MaxNorm(1.0, axis=1)(jnp.asarray(table)))
-    np.testing.assert_allclose(unit_norms(per_token, 1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(per_token, keras.constraints.MaxNorm(1.0, axis=1)(table), rtol=1e-6)
+    np.testing.assert_allclose(unit_norms(per_token, 1), 1.0, rtol=rescaled_norm_rtol(4, 1.0))
+    keras_per_token = keras.constraints.MaxNorm(1.0, axis=1)(table)
+    assert_close_ulps(per_token, keras_per_token, 2 * norm_ulps(4))  # each side's rounding
 
 
 def test_depthwise_kernel_grouping_matches_keras(keras):
@@ -1001,11 +1020,17 @@ def test_depthwise_kernel_grouping_matches_keras(keras):
     assert kernel.shape == (3, 3, 3, 2)
     flax_conv = nn.Conv(6, (3, 3), feature_group_count=3, use_bias=False, padding="VALID")
     flax_kernel = kernel.reshape(3, 3, 1, 6)
-    # The same weights give the same outputs, so the channel order agrees...
+    # The same weights give the same outputs, so the channel order agrees: two
+    # float32 convolutions, each output a 9-term dot product (gamma_9 of the
+    # sum of |x k| on each side), where a wrong order mixes other channels.
+    scale = np.abs(x).max() * np.abs(kernel).sum(axis=(0, 1)).max()
     np.testing.assert_allclose(
-        flax_conv.apply({"params": {"kernel": flax_kernel}}, x), layer(x), rtol=1e-4, atol=1e-5
+        flax_conv.apply({"params": {"kernel": flax_kernel}}, x),
+        layer(x),
+        rtol=0,
+        atol=ulps(scale, 2 * 9),
     )
     # ...and so do the per-channel-filter constraints.
     keras_c = np.asarray(keras.constraints.MaxNorm(0.1, axis=[0, 1])(kernel))
     ours = np.asarray(oc.MaxNorm(0.1, axis="fan_in")(jnp.asarray(flax_kernel)))
-    np.testing.assert_allclose(ours, keras_c.reshape(3, 3, 1, 6), rtol=1e-6)
+    assert_close_ulps(ours, keras_c.reshape(3, 3, 1, 6), 2 * norm_ulps(9))  # each side's rounding

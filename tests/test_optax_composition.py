@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import EPS32, norm_ulps, rescaled_norm_rtol
 
 import optax_constraints as oc
 
@@ -37,8 +38,27 @@ def np_unit_norms(w, axis=0):
     return np.sqrt(np.sum(w * w, axis=axis))
 
 
-def assert_close64(got, want, rtol=2e-6, atol=1e-7):
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=atol)
+def projected_slack(want, before, moved, *, n, k_moved=2):
+    """Per entry, how far `project`'s float32 `p + u'` may be from `want = C(moved)`.
+
+    `want` is computed in float64 from `moved = before + update`; the float32
+    program rounds: the projection (`norm_ulps(n)` of each entry, units of
+    `n`); the update form `p + u'` with `u' = C - p` (an ulp of `|want -
+    before|` and of `|want|`); and its own `moved`, `k_moved` ulps of
+    `|before| + |update|` (the update recomputed, p + u), which a
+    nonexpansive C (MaxNorm, NonNeg, the identity) passes on in 2-norm over
+    a unit: at most `sqrt(n)` times the largest.
+    """
+    want, before, moved = (np.asarray(a, np.float64) for a in (want, before, moved))
+    incoming = k_moved * np.sqrt(n) * np.max(np.abs(before) + np.abs(moved - before))
+    return EPS32 * (norm_ulps(n) * np.abs(want) + np.abs(want - before) + np.abs(want) + incoming)
+
+
+def assert_close64(got, want, before, moved, *, n, k_moved=2):
+    """`got` within `projected_slack` of `want` (see there)."""
+    slack = projected_slack(want, before, moved, n=n, k_moved=k_moved)
+    excess = np.abs(np.asarray(got, np.float64) - want) - slack
+    assert excess.max() <= 0, f"off by {excess.max():.3g} more than float32 rounding allows"
 
 
 def assert_bitwise(a, b):
@@ -93,17 +113,21 @@ def jitted_step(tx):
     return step
 
 
-def check_constrained_leaves(new, old, inner_updates):
-    """new == C(old + u) for the two constrained leaves, and C holds."""
+def check_constrained_leaves(new, old, inner_updates, k_moved=2):
+    """new == C(old + u) for the two constrained leaves, and C holds.
+
+    `k_moved`: the float32 program's roundings of old + u (see `projected_slack`).
+    """
     k_old = np.asarray(get(old, ("dense", "kernel")), np.float64)
     k_u = np.asarray(get(inner_updates, ("dense", "kernel")), np.float64)
     k_new = get(new, ("dense", "kernel"))
-    assert_close64(k_new, np_max_norm(k_old + k_u, MAX))
+    # The kernel's units are its 4 rows' columns; the bias is elementwise.
+    assert_close64(k_new, np_max_norm(k_old + k_u, MAX), k_old, k_old + k_u, n=4, k_moved=k_moved)
     assert np.all(np_unit_norms(k_new) <= MAX * (1 + 4 * 2.0**-24))
     b_old = np.asarray(get(old, ("dense", "bias")), np.float64)
     b_u = np.asarray(get(inner_updates, ("dense", "bias")), np.float64)
     b_new = get(new, ("dense", "bias"))
-    assert_close64(b_new, np.maximum(b_old + b_u, 0))
+    assert_close64(b_new, np.maximum(b_old + b_u, 0), b_old, b_old + b_u, n=1, k_moved=k_moved)
     assert np.all(np.asarray(b_new) >= 0)
 
 
@@ -152,11 +176,17 @@ def test_adamw_decays_before_the_projection():
     p = np.asarray(params["dense"]["kernel"], np.float64)
     g = np.asarray(grads["dense"]["kernel"], np.float64)
     direction = g / (np.abs(g) + eps)
-    expected = np_max_norm(p - lr * (direction + wd * p), MAX)
-    assert_close64(new["dense"]["kernel"], expected, rtol=1e-5, atol=1e-6)
-    # Decay applied after the projection would give a different point.
+    moved = p - lr * (direction + wd * p)
+    expected = np_max_norm(moved, MAX)
+    # Adam's float32 direction (the moments, their bias corrections, the
+    # square root, eps and the quotient: 7 roundings), the decay's product
+    # and sum, lr's product and p + u: 11 ulps of |p| + |u| in `moved`.
+    assert_close64(new["dense"]["kernel"], expected, p, moved, n=4, k_moved=11)
+    # Decay applied after the projection would give a different point: farther
+    # from ours than the rounding allows.
     after = np_max_norm(p - lr * direction, MAX) * (1 - lr * wd)
-    assert not np.allclose(np.asarray(new["dense"]["kernel"]), after, rtol=1e-3)
+    slack = projected_slack(expected, p, moved, n=4, k_moved=11)
+    assert np.any(np.abs(np.asarray(new["dense"]["kernel"], np.float64) - after) > slack)
 
 
 # -- partition / multi_transform, masked ---------------------------------------
@@ -227,7 +257,7 @@ def test_masked_projects_only_the_masked_in_leaves():
         plain, plain_state = plain_step(plain, plain_state, grads)
         k = np.asarray(params["dense"]["kernel"], np.float64)
         u = np.asarray(inner_updates["dense"]["kernel"], np.float64)
-        assert_close64(new["dense"]["kernel"], np_max_norm(k + u, MAX))
+        assert_close64(new["dense"]["kernel"], np_max_norm(k + u, MAX), k, k + u, n=4)
         for path in [("dense", "bias"), *UNCONSTRAINED]:
             assert_bitwise(get(new, path), get(plain, path))
         assert_bitwise(state[0], plain_state)
@@ -257,21 +287,27 @@ def test_inject_hyperparams_drives_max_value_without_retracing():
 
     chex.clear_trace_counter()
     grads_seq = grads_sequence(4)
+    rtol = {}
     for grads, max_value in zip(grads_seq, [2.0, 0.5, 0.25, 0.1]):
         state.hyperparams["max_value"] = jnp.asarray(max_value, jnp.float32)
         lr = float(state.hyperparams["learning_rate"])
         old = params
         params, state = step(params, state, grads)
         for name in ["dense", "out"]:
-            expected = np_max_norm(
-                np.asarray(old[name]["kernel"], np.float64)
-                - lr * np.asarray(grads[name]["kernel"], np.float64),
-                max_value,
-            )
-            assert_close64(params[name]["kernel"], expected)
-            assert np.all(np_unit_norms(params[name]["kernel"]) <= max_value * (1 + 1e-6))
+            before = np.asarray(old[name]["kernel"], np.float64)
+            moved = before - lr * np.asarray(grads[name]["kernel"], np.float64)
+            expected = np_max_norm(moved, max_value)
+            n = before.shape[0]
+            assert_close64(params[name]["kernel"], expected, before, moved, n=n)
+            # A unit's norm: the rescaling's rounding and Keras's epsilon, then
+            # p + u' (an ulp of |u'| + |p + u'| per entry, in 2-norm over the unit).
+            after = np.asarray(params[name]["kernel"], np.float64)
+            update_form = np.sqrt(np.sum((np.abs(after - before) + np.abs(after)) ** 2, 0))
+            rtol[name] = rescaled_norm_rtol(n, max_value) + EPS32 * update_form.max() / max_value
+            assert np.all(np_unit_norms(after) <= max_value * (1 + rtol[name]))
         # The bound really changed (it shrinks every step): some unit sits on it.
-        assert np.isclose(np_unit_norms(params["dense"]["kernel"]).max(), max_value, rtol=1e-5)
+        dense_norm = np_unit_norms(params["dense"]["kernel"]).max()
+        np.testing.assert_allclose(dense_norm, max_value, rtol=rtol["dense"])
     assert step._cache_size() == 1
 
 
@@ -319,12 +355,13 @@ def test_multisteps_projects_only_on_emitting_steps():
                 lambda *g: np.mean(np.stack(g), 0, dtype=np.float64), *grads_seq[i - k : i]
             )
             sgd_updates = jax.tree.map(lambda g: -0.1 * g, mean)
-            check_constrained_leaves(params, old, sgd_updates)
+            # MultiSteps averages k float32 gradients (k + 1 roundings), then
+            # sgd scales by 0.1 and the step adds: k + 3 ulps of |p| + |u|.
+            check_constrained_leaves(params, old, sgd_updates, k_moved=k + 3)
             for path in UNCONSTRAINED:
-                assert_close64(
-                    get(params, path),
-                    np.asarray(get(old, path), np.float64) + get(sgd_updates, path),
-                )
+                before = np.asarray(get(old, path), np.float64)
+                moved = before + get(sgd_updates, path)
+                assert_close64(get(params, path), moved, before, moved, n=1, k_moved=k + 3)
     # The projection's own step counter only advanced on emitting steps.
     assert int(state.inner_opt_state[1].count) == 2
 
@@ -416,8 +453,9 @@ def test_nnx_optimizer_projects():
     grads = train_step(model, optimizer, x)
     gk = np.asarray(grads["kernel"].value, np.float64)
     gb = np.asarray(grads["bias"].value, np.float64)
-    assert_close64(model.kernel.value, np_max_norm(old_k - 0.1 * gk, MAX))
-    assert_close64(model.bias.value, np.maximum(old_b - 0.1 * gb, 0))
+    moved_k, moved_b = old_k - 0.1 * gk, old_b - 0.1 * gb
+    assert_close64(model.kernel.value, np_max_norm(moved_k, MAX), old_k, moved_k, n=4)
+    assert_close64(model.bias.value, np.maximum(moved_b, 0), old_b, moved_b, n=1)
 
 
 # -- wrappers that move `project` off the end: schedule-free, lookahead ---------
