@@ -25,10 +25,6 @@ import sys
 import numpy as np
 import pytest
 
-# Under `pytest -n` (`--dist loadgroup`) the module stays on one worker, so its
-# module-scoped subprocess reports run once.
-pytestmark = pytest.mark.xdist_group("multidevice")
-
 SCRIPT = r"""
 import json, re
 import numpy as np

@@ -21,10 +21,6 @@ import sys
 
 import pytest
 
-# Under `pytest -n` (`--dist loadgroup`) the module stays on one worker, so its
-# module-scoped subprocess reports run once.
-pytestmark = pytest.mark.xdist_group("stacked_sharded")
-
 SCRIPT = r"""
 import json, re, sys
 import numpy as np
