@@ -210,7 +210,9 @@ def test_leaf_errors_name_the_path_and_shape(misuse):
 
 
 @pytest.mark.parametrize(
-    "fn", [np.abs, lambda w: np.clip(w, 0.0, 1.0), lambda w: w * float(np.max(w))], ids=repr
+    "fn",
+    [np.abs, lambda w: np.clip(w, 0.0, 1.0), lambda w: w * float(np.max(w))],
+    ids=["np.abs", "np.clip", "w * float(np.max(w))"],
 )
 def test_numpy_constraints_fail_at_init_naming_the_leaf_and_jax_numpy(fn):
     # Without the check, jit(tx.update) raised JAX's raw TracerArrayConversionError
