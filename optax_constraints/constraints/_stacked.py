@@ -25,7 +25,7 @@ with `jax.vmap`, or given the moved axes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -287,7 +287,7 @@ def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
     for leaf outputs, the stack axes' for per-copy ones (states).
     """
 
-    def run(*args):
+    def run(*args) -> Any:
         leaf = args[in_kinds.index("leaf")]
         axes = explicit_mesh_axes(leaf, stacked)
         if not axes:
