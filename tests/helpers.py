@@ -5,7 +5,11 @@ the tolerances are built from (`ulps` and the functions after it).
 """
 
 import inspect
+import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 from hypothesis import HealthCheck, settings
@@ -214,3 +218,54 @@ def reference_axes(axis, ndim: int) -> tuple[int, ...]:
         return tuple(range(ndim - 1))
     axis = (axis,) if isinstance(axis, int) else tuple(axis)
     return tuple(sorted(a % ndim for a in axis))
+
+
+def run_on_devices(script: str, *args: str, timeout: int = 900) -> dict:
+    """Runs `script` on 8 simulated CPU devices in a subprocess; its `REPORT` JSON.
+
+    The device count must be set before jax is imported, hence the
+    subprocess. The script prints one line `REPORT<json>`; it can import this
+    module (`tests/` is on its path). `args` become its `sys.argv[1:]`.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(__file__), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
+    return json.loads(line[len("REPORT") :])
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|all-to-all|"
+    r"collective-permute|reduce-scatter)(-start)?\("
+)
+
+
+def hlo_collectives(hlo: str) -> list[dict]:
+    """The collectives of a compiled program's text: `{"op", "shapes"}` each.
+
+    >>> hlo_collectives("  %a = f32[8]{0} all-reduce(f32[8]{0} %x), to_apply=%add")
+    [{'op': 'all-reduce', 'shapes': [[8]]}]
+    """
+    found = []
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m:
+            shapes = [
+                [int(d) for d in dims.split(",") if d]
+                for dims in re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", m.group(1))
+            ]
+            found.append({"op": m.group(2), "shapes": shapes})
+    return found

@@ -17,13 +17,9 @@ What the script does, on a `(2, 4)` mesh with axes `("data", "model")`:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from helpers import run_on_devices
 
 SCRIPT = r"""
 import json, re
@@ -136,17 +132,10 @@ for (path, x_in), x_out in zip(jax.tree_util.tree_leaves_with_path(in_s),
     })
 
 # -- what travels between devices -------------------------------------------
+from helpers import hlo_collectives
+
 def collectives_of(jitted):
-    hlo = jitted.lower(in_p, in_s, g_sh[0]).compile().as_text()
-    found = []
-    for line in hlo.splitlines():
-        m = re.search(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|all-to-all|"
-                      r"collective-permute|reduce-scatter)(-start)?\(", line)
-        if m:
-            shapes = [[int(d) for d in dims.split(",") if d]
-                      for dims in re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", m.group(1))]
-            found.append({"op": m.group(2), "shapes": shapes})
-    return found
+    return hlo_collectives(jitted.lower(in_p, in_s, g_sh[0]).compile().as_text())
 
 report["collectives"] = {"default": collectives_of(jitted)}
 # `project` orders big models' projections in groups of about GROUP_BYTES
@@ -178,26 +167,9 @@ print("REPORT" + json.dumps(report))
 """
 
 
-def _run(script: str) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(__file__), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
-    return json.loads(line[len("REPORT") :])
-
-
 @pytest.fixture(scope="module")
 def report():
-    return _run(SCRIPT)
+    return run_on_devices(SCRIPT)
 
 
 def test_sharded_values_match_one_device(report):
@@ -387,7 +359,7 @@ MATRIX = {"SpectralNorm", "Orthogonal"}
 
 @pytest.fixture(scope="module")
 def axis_types_report():
-    return _run(AXIS_TYPES_SCRIPT)
+    return run_on_devices(AXIS_TYPES_SCRIPT)
 
 
 def test_every_constraint_runs_on_explicit_and_auto_meshes(axis_types_report):

@@ -17,13 +17,9 @@ default since JAX 0.7), inside `jax.set_mesh` and without it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from helpers import run_on_devices
 
 SCRIPT = r"""
 import json, re, sys
@@ -154,13 +150,8 @@ report["per_layer"] = {
     "l1_max_norm": float(np.abs(w["l1"]).sum(axis=1).max()),
     "bias_min": float(w["bias"].min()),
 }
-for line in hlo.splitlines():
-    m = re.search(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|all-to-all|"
-                  r"collective-permute|reduce-scatter)(-start)?\(", line)
-    if m:
-        shapes = [[int(d) for d in dims.split(",") if d]
-                  for dims in re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", m.group(1))]
-        report["collectives"].append({"op": m.group(2), "shapes": shapes})
+from helpers import hlo_collectives
+report["collectives"] = hlo_collectives(hlo)
 print("REPORT" + json.dumps(report))
 """
 
@@ -223,21 +214,7 @@ print("REPORT" + json.dumps(report))
 
 
 def _run(kind: str, context: str, script: str = SCRIPT) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", script, kind, context],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
-    return json.loads(line[len("REPORT") :])
+    return run_on_devices(script, kind, context, timeout=600)
 
 
 # Explicit axes inside `jax.set_mesh` and with the arrays' shardings only:

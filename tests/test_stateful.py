@@ -261,19 +261,11 @@ def test_power_method_holds_the_bound_within_1_percent_after_large_sgd_steps(sta
         return 0.5 * jnp.sum((a @ p["w"] - y) ** 2) / 200
 
     tx = optax.chain(optax.sgd(0.1), oc.project(oc.SpectralNorm(1.0)))
-    state = tx.init(params)
-
-    @jax.jit
-    def step(params, state):
-        updates, state = tx.update(jax.grad(loss)(params), state, params)
-        return optax.apply_updates(params, updates), state
-
-    sigmas = []
-    for _ in range(30):
-        params, state = step(params, state)
-        sigmas.append(sigma_max(params["w"]))
+    history = _train(tx, params, loss, 30)
+    sigmas = [sigma_max(p["w"]) for p, _ in history]
     assert max(sigmas) <= 1.01, np.round(sigmas, 4)
     assert abs(sigmas[-1] - 1.0) <= 1e-3, sigmas  # the bound is active
+    state = history[-1][1]
     assert state[1].constraint_states["w"].shape == (32,)  # checkpoints keep their shape
 
 
