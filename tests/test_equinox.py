@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import EPS32, norm_ulps, rescaled_norm_rtol, ulps
+from helpers import EPS32, norm_ulps, rescaled_norm_rtol, ulps, update_form_error
 
 import optax_constraints as oc
 
@@ -39,16 +39,6 @@ def output_unit_norms(weight):
     """One norm per output unit of an (out, *fan_in) weight."""
     w = _np(weight)
     return np.sqrt(np.sum(w**2, axis=tuple(range(1, w.ndim))))
-
-
-def update_form_error(after, before):
-    """Per entry, the rounding `project` adds by returning `u' = C - p` for `p + u'`.
-
-    Two float32 roundings: `u'` (an ulp of `|after - before|`) and `p + u'`
-    (an ulp of `|after|`), `before` being the leaf before the step.
-    """
-    after, before = _np(after), _np(before)
-    return EPS32 * (np.abs(after - before) + np.abs(after))
 
 
 def unit_rtol(after, before, target):

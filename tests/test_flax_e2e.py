@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 from flax.training import train_state
-from helpers import EPS32, KERAS_EPSILON, norm_ulps, rescaled_norm_rtol
+from helpers import EPS32, KERAS_EPSILON, norm_ulps, rescaled_norm_rtol, update_form_error
 
 import optax_constraints as oc
 
@@ -70,13 +70,11 @@ def unit_rtol(after, before, axes, target, smallest=None):
 
     The rescaling's own (`rescaled_norm_rtol`; `smallest` bounds the norms
     before the projection, by default `target`, as for a binding MaxNorm),
-    then the update form `p + u'` with `p = before`, the previous step's leaf,
-    and `u' = after - p`: two float32 roundings, an ulp of
-    `|u'| + |p + u'| <= 2 |after| + |before|` per entry.
+    then the update form `p + u'` with `p = before`, the previous step's leaf
+    (`update_form_error`, in 2-norm over the unit).
     """
-    after, before = np.abs(np.asarray(after, np.float64)), np.abs(np.asarray(before, np.float64))
-    n = int(np.prod([after.shape[a] for a in axes]))
-    rounding = np.sqrt(np.sum((2 * after + before) ** 2, axis=axes)) * EPS32
+    n = int(np.prod([np.shape(after)[a] for a in axes]))
+    rounding = np.sqrt(np.sum(update_form_error(after, before) ** 2, axis=axes))
     return rescaled_norm_rtol(n, target if smallest is None else smallest) + rounding / target
 
 

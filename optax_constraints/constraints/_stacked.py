@@ -64,7 +64,76 @@ def _canonical_stack_axis(stack_axis) -> int | tuple[int, ...]:
     raise ValueError(f"Stacked: {STACK_AXIS_HELP}; got stack_axis={stack_axis!r}.")
 
 
-class Stacked(Constraint):
+class _View(Constraint):
+    """A constraint applied to each leaf through a view of it (`Stacked`, `OutputFirst`).
+
+    A subclass says how to see the whole leaf as `constraint`'s
+    (`_on_whole_leaf`: the equivalent constraint on the leaf's own axes,
+    or None) and how to run one of `constraint`'s methods through the view
+    (`_through`); the methods of `Constraint` are written once here.
+    """
+
+    constraint: Constraint
+
+    def _on_whole_leaf(self, ndim: int) -> Constraint | None:
+        raise NotImplementedError
+
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
+        """`fn` run through the view: "leaf" arguments and results are views of
+        the leaf, "copy" ones (states, violations) belong to the view."""
+        raise NotImplementedError
+
+    def _worst(self, violation):
+        return violation
+
+    def __call__(self, w):
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None:
+            return whole(w)
+        return self._through(self.constraint, w.ndim, ("leaf",), "leaf")(w)
+
+    def init_state(self, w):
+        w = jnp.asarray(w)
+        return self._through(self.constraint.init_state, w.ndim, ("leaf",), "copy")(w)
+
+    def apply(self, w, state, step):
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None and state is None:
+            return whole.apply(w, None, step)
+
+        def apply_one(w, state):
+            return self.constraint.apply(w, state, step)
+
+        return self._through(apply_one, w.ndim, ("leaf", "copy"), ("leaf", "copy"))(w, state)
+
+    @property
+    def has_update_form(self) -> bool:
+        return self.constraint.has_update_form
+
+    def project_update(self, param, update, state, step):
+        if not self.has_update_form:
+            return super().project_update(param, update, state, step)
+        whole = self._on_whole_leaf(param.ndim)
+        if whole is not None and state is None:
+            return whole.project_update(param, update, None, step)
+
+        def one(param, update, state):
+            return self.constraint.project_update(param, update, state, step)
+
+        kinds = ("leaf", "leaf", "copy")
+        return self._through(one, param.ndim, kinds, ("leaf", "copy"))(param, update, state)
+
+    def violation(self, w):
+        w = jnp.asarray(w)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None:
+            return whole.violation(w)
+        return self._worst(self._through(self.constraint.violation, w.ndim, ("leaf",), "copy")(w))
+
+
+class Stacked(_View):
     """Applies a constraint to every copy of a stacked leaf on its own.
 
     `stack_axis` (an int or a tuple of ints, like `jax.vmap`'s `in_axes`)
@@ -147,7 +216,7 @@ class Stacked(Constraint):
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         return self.constraint.on_leaf_axes(self._copy_axes(ndim), ndim)
 
-    def _per_copy(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
         """`fn` mapped over the copies: "leaf" arguments carry the stack axes
         where the leaf has them, "copy" ones (states) along leading axes."""
         stacked = self.stack_axes(ndim)
@@ -165,13 +234,6 @@ class Stacked(Constraint):
         return _off_explicit_stack_axes(fn, stacked, in_kinds, out_kinds)
 
     # -- Constraint ----------------------------------------------------------
-
-    def __call__(self, w):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole(w)
-        return self._per_copy(self.constraint, w.ndim, ("leaf",), "leaf")(w)
 
     def check_leaf(self, shape, dtype):
         try:
@@ -191,46 +253,8 @@ class Stacked(Constraint):
                 f" {self.constraint!r} rejects it: {str(err).rstrip('.')}"
             ) from None
 
-    def init_state(self, w):
-        w = jnp.asarray(w)
-        return self._per_copy(self.constraint.init_state, w.ndim, ("leaf",), "copy")(w)
-
-    def apply(self, w, state, step):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None and state is None:
-            return whole.apply(w, None, step)
-
-        def apply_one(w, state):
-            return self.constraint.apply(w, state, step)
-
-        return self._per_copy(apply_one, w.ndim, ("leaf", "copy"), ("leaf", "copy"))(w, state)
-
-    @property
-    def has_update_form(self) -> bool:
-        return self.constraint.has_update_form
-
-    def project_update(self, param, update, state, step):
-        if not self.has_update_form:
-            return super().project_update(param, update, state, step)
-        whole = self._on_whole_leaf(param.ndim)
-        if whole is not None and state is None:
-            return whole.project_update(param, update, None, step)
-
-        def one(param, update, state):
-            return self.constraint.project_update(param, update, state, step)
-
-        kinds = ("leaf", "leaf", "copy")
-        return self._per_copy(one, param.ndim, kinds, ("leaf", "copy"))(param, update, state)
-
-    def violation(self, w):
-        """The largest violation over the copies."""
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole.violation(w)
-        per_copy = self._per_copy(self.constraint.violation, w.ndim, ("leaf",), "copy")(w)
-        return jnp.max(per_copy, initial=0.0)
+    def _worst(self, violation):
+        return jnp.max(violation, initial=0.0)  # over the copies
 
     def at_step(self, step):
         inner = self.constraint.at_step(step)
@@ -318,7 +342,7 @@ def _moved_shape(shape):
     return shape[1:] + shape[:1]
 
 
-class OutputFirst(Constraint):
+class OutputFirst(_View):
     """For weights whose output axis comes first: `(out, *fan_in)`.
 
     Equinox's `nn.Linear.weight` is `(out, in)` and its `nn.Conv` weights
@@ -358,12 +382,18 @@ class OutputFirst(Constraint):
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         return self.on_leaf_axes(tuple(range(ndim)), ndim)
 
-    def __call__(self, w):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole(w)
-        return _output_first(self.constraint(_output_last(w)))
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
+        """`fn` on the moved arrays: "leaf" arguments get their output axis
+        moved last, "leaf" results get it moved back first."""
+
+        def run(*args):
+            moved = (_output_last(a) if k == "leaf" else a for a, k in zip(args, in_kinds))
+            out = fn(*moved)
+            if isinstance(out_kinds, str):
+                return _output_first(out) if out_kinds == "leaf" else out
+            return tuple(_output_first(o) if k == "leaf" else o for o, k in zip(out, out_kinds))
+
+        return run
 
     def check_leaf(self, shape, dtype):
         if len(shape) < 1:
@@ -379,39 +409,6 @@ class OutputFirst(Constraint):
                 f" {_moved_shape(shape)}, and {self.constraint!r} rejects it:"
                 f" {str(err).rstrip('.')}"
             ) from None
-
-    def init_state(self, w):
-        return self.constraint.init_state(_output_last(jnp.asarray(w)))
-
-    def apply(self, w, state, step):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None and state is None:
-            return whole.apply(w, None, step)
-        out, state = self.constraint.apply(_output_last(w), state, step)
-        return _output_first(out), state
-
-    @property
-    def has_update_form(self) -> bool:
-        return self.constraint.has_update_form
-
-    def project_update(self, param, update, state, step):
-        if not self.has_update_form:
-            return super().project_update(param, update, state, step)
-        whole = self._on_whole_leaf(param.ndim)
-        if whole is not None and state is None:
-            return whole.project_update(param, update, None, step)
-        new_update, state = self.constraint.project_update(
-            _output_last(param), _output_last(update), state, step
-        )
-        return _output_first(new_update), state
-
-    def violation(self, w):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole.violation(w)
-        return self.constraint.violation(_output_last(w))
 
     def at_step(self, step):
         inner = self.constraint.at_step(step)
