@@ -24,6 +24,8 @@ plot next to it. Sections:
 * whole_step: trace + compile of whole training steps (forward, backward,
   Adam, apply) of a Linen transformer LM, a 100-layer MLP and a scan-over-
   layers LM (`_models.py`), plain / `project` / hand-written.
+* whole_step_parts (`--only` only): the same on the LM with `project`'s
+  mechanisms (overflow branch, ordering) switched off one at a time.
 * fit_runtime: run time of whole training steps, a convnet on 28x28x1 and
   the transformer LM (`_fit.py`): our jitted Linen step, plain and with
   `project`, against Keras 3's `fit()` without and with the same constraints.
@@ -199,7 +201,9 @@ def whole_step_section(quick: bool) -> dict:
     Models from `_models.py`; variants plain Adam, `project` and the
     hand-written "apply_updates, then tree_map(Keras's formula)", interleaved
     (the order alternates between rounds), each with its own learning rate so
-    that no cache answers. Ratios to plain are taken within a round.
+    that no cache answers, and with JAX's caches cleared before it, so that
+    every variant traces all its programs, as in a fresh process (after one
+    untimed compile per model). Ratios to plain are taken within a round.
     """
     from benchmarks import _models as M
 
@@ -211,14 +215,17 @@ def whole_step_section(quick: bool) -> dict:
     }
     if quick:
         models = {k: models[k] for k in ("lm4", "mlp100")}
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     out = {"rounds": rounds, "models": {}}
     for model, make in models.items():
         params, batch, loss = make()
         times: dict[str, list] = {}
         names = ("plain", "project", "hand_keras")
+        step, tx = M.whole_steps(loss, 1e-3)["plain"]
+        _compile_time(jax.jit(step), params, tx.init(params), batch)  # untimed
         for r in range(rounds):
             for i, name in enumerate(names if r % 2 == 0 else names[::-1]):
+                jax.clear_caches()  # `project`'s inner programs are traced again too
                 lr = 1e-3 * (1 + 1e-4 * (10 * r + i))
                 step, tx = M.whole_steps(loss, lr, stacked=model.startswith("scan"))[name]
                 timed = _compile_time(jax.jit(step), params, tx.init(params), batch)
@@ -234,6 +241,71 @@ def whole_step_section(quick: bool) -> dict:
                 "ratio": T.ratio_stats(total, plain),
             }
         out["models"][model] = entry
+    return out
+
+
+WHOLE_STEP_PARTS_OFF = 2**62
+"""A size no leaf reaches: a `*_SIZE` constant set to it switches its mechanism off."""
+
+
+def whole_step_parts_section(quick: bool) -> dict:
+    """Where `project`'s trace + compile time over the hand-written formula goes.
+
+    The 4-block LM of `whole_step` (2 blocks with `quick`), with `project`'s
+    mechanisms switched off one at a time by setting their module constants
+    to a size no leaf reaches: `no_branch` (`BRANCH_SIZE`: the overflow-safe
+    second sum branch-free on every leaf, as on small leaves), `no_ordering`
+    (`ORDERED_SIZE`: XLA's own schedule for every leaf), `neither`; plus plain
+    Adam and the hand-written Keras formula, which has no overflow safety.
+    Interleaved as in `whole_step`, after one untimed compile, with JAX's
+    caches cleared before each measurement. The switched-off variants change no
+    result (tests/test_perf_structure.py), only the optimizer step's passes
+    (no branch) and temporaries (no ordering).
+    """
+    from benchmarks import _models as M
+    from optax_constraints import _transform
+    from optax_constraints.constraints import _base
+
+    off = WHOLE_STEP_PARTS_OFF
+    variants = {
+        "plain": ("plain", {}),
+        "project": ("project", {}),
+        "no_branch": ("project", {(_base, "BRANCH_SIZE"): off}),
+        "no_ordering": ("project", {(_transform, "ORDERED_SIZE"): off}),
+        "neither": ("project", {(_base, "BRANCH_SIZE"): off, (_transform, "ORDERED_SIZE"): off}),
+        "hand_keras": ("hand_keras", {}),
+    }
+    n_blocks = 2 if quick else 4
+    params, batch, loss = M.lm(n_blocks)
+    rounds = 1 if quick else 5
+    names = list(variants)
+    times: dict[str, list] = {}
+    step, tx = M.whole_steps(loss, 1e-3)["plain"]
+    _compile_time(jax.jit(step), params, tx.init(params), batch)  # untimed: the process's first
+    for r in range(rounds):
+        for i, name in enumerate(names if r % 2 == 0 else names[::-1]):
+            base, settings = variants[name]
+            jax.clear_caches()  # each variant traces everything, as a fresh process does
+            saved = {key: getattr(*key) for key in settings}
+            try:
+                for (module, attr), value in settings.items():
+                    setattr(module, attr, value)
+                lr = 1e-3 * (1 + 1e-4 * (10 * r + i))
+                step, tx = M.whole_steps(loss, lr)[base]
+                timed = _compile_time(jax.jit(step), params, tx.init(params), batch)
+            finally:
+                for (module, attr), value in saved.items():
+                    setattr(module, attr, value)
+            times.setdefault(name, []).append(timed)
+    plain = np.array([t["total_cpu_s"] for t in times["plain"]])
+    out = {"model": f"lm{n_blocks}", "rounds": rounds, "variants": {}}
+    for name, ts in times.items():
+        total = np.array([t["total_cpu_s"] for t in ts])
+        out["variants"][name] = {
+            "total_cpu_s": T.time_stats(total),
+            "kernels": ts[0]["kernels"],
+            "ratio": T.ratio_stats(total, plain),
+        }
     return out
 
 
@@ -665,6 +737,15 @@ def _section_lines(results: dict) -> list[str]:
                 for name, v in entry["variants"].items()
             )
             lines.append(f"  {model:9s} ({entry['leaves']} leaves)  {cells}")
+    parts = results.get("whole_step_parts")
+    if parts:
+        lines += [
+            "",
+            f"whole training step of {parts['model']}, trace + compile with project's"
+            f" mechanisms switched off, {parts['rounds']} interleaved rounds; ratio to plain:",
+        ]
+        for name, v in parts["variants"].items():
+            lines.append(f"  {name:12s} {_fmt(v['ratio']):>20s}  k={v['kernels']}")
     fit = results.get("fit_runtime")
     if fit:
         lines += [
@@ -766,7 +847,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--only",
-        choices=("every_k", "bfloat16", "matrix", "stacked", "whole_step", "fit_runtime"),
+        choices=(
+            "every_k",
+            "bfloat16",
+            "matrix",
+            "stacked",
+            "whole_step",
+            "whole_step_parts",
+            "fit_runtime",
+        ),
         help="run one section alone (written to <file>-<name>.json)",
     )
     args = parser.parse_args(argv)
@@ -797,6 +886,7 @@ def main(argv=None) -> dict:
         "matrix": matrix_section,
         "stacked": stacked_section,
         "whole_step": whole_step_section,
+        "whole_step_parts": whole_step_parts_section,
         "fit_runtime": fit_runtime_section,
     }
     if args.only:
