@@ -52,3 +52,21 @@ def test_every_public_symbol_has_an_api_entry():
     symbols = public(oc) | public(oc.projections) | public(oc.constraints)
     missing = sorted(name for name, obj in symbols.items() if not any(obj is d for d in on_site))
     assert not missing, f"add these to a page in docs/api/: {missing}"
+
+
+def test_citation_file_matches_the_package_metadata():
+    """CITATION.cff (what GitHub's "Cite this repository" reads) says what pyproject.toml says."""
+    import tomllib
+
+    import yaml
+
+    root = API.parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    cff = yaml.safe_load((root / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0"
+    assert cff["type"] == "software" and cff["authors"]
+    assert cff["title"] == project["name"]
+    assert cff["version"] == project["version"]
+    assert cff["license"] == project["license"]
+    assert cff["repository-code"] == project["urls"]["Repository"]
+    assert "CITATION.cff" in (root / "README.md").read_text()
