@@ -15,9 +15,11 @@ them.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -77,6 +79,18 @@ SCRIPT = textwrap.dedent(
 ).format(frameworks=FRAMEWORKS)
 
 
+REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+
+
+def _absolute_links(line: str) -> str:
+    """A README line as PyPI should get it: relative links to the repository on GitHub."""
+    raw = REPOSITORY.replace("https://github.com/", "https://raw.githubusercontent.com/")
+    line = re.sub(r"!\[([^\]]*)\]\((?!https?://|#)([^)\s]+)\)", rf"![\1]({raw}/main/\2)", line)
+    return re.sub(
+        r"(?<!!)\[([^\]]*)\]\((?!https?://|#)([^)\s]+)\)", rf"[\1]({REPOSITORY}/blob/main/\2)", line
+    )
+
+
 def _clean_env() -> dict[str, str]:
     """The environment without anything that would point Python at this checkout."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -108,6 +122,14 @@ def test_wheel_in_fresh_venv(tmp_path):
     assert "optax_constraints/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     assert not any(n.startswith(("tests/", "benchmarks/", "notebooks/")) for n in names), names
+    # PyPI renders the README alone: its links and images must not be relative.
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    description = zipfile.ZipFile(wheel).read(metadata).decode().split("\n\n", 1)[1]
+    assert description.splitlines() == [
+        _absolute_links(line) for line in (ROOT / "README.md").read_text().splitlines()
+    ]
+    relative = re.findall(r"\]\((?!https?://|#)[^)]*\)", description)
+    assert not relative, relative
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], cwd=tmp_path, env=env)
