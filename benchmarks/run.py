@@ -195,15 +195,58 @@ def _compile_time(jitted, *args) -> dict:
 # -- whole training steps of real models -------------------------------------
 
 
+def _whole_step_compiles(make_model, variants: dict, rounds: int, *, stacked=False) -> dict:
+    """Trace + compile of one model's training step per variant, interleaved.
+
+    `variants`: name -> (a step of `_models.whole_steps`, {(module, name):
+    value} constants set while that variant is traced and compiled). The
+    order alternates between rounds; each measurement has its own learning
+    rate (no cache answers) and comes after `jax.clear_caches()`, so every
+    variant traces all its programs, `project`'s inner ones too, as a fresh
+    process does; one untimed compile comes first. Ratios are to the first
+    variant, within a round.
+    """
+    from benchmarks import _models as M
+
+    params, batch, loss = make_model()
+    step, tx = M.whole_steps(loss, 1e-3)["plain"]
+    _compile_time(jax.jit(step), params, tx.init(params), batch)  # untimed: the process's first
+    names = list(variants)
+    times: dict[str, list] = {}
+    for r in range(rounds):
+        for i, name in enumerate(names if r % 2 == 0 else names[::-1]):
+            base, settings = variants[name]
+            jax.clear_caches()
+            saved = {key: getattr(*key) for key in settings}
+            try:
+                for (module, attr), value in settings.items():
+                    setattr(module, attr, value)
+                lr = 1e-3 * (1 + 1e-4 * (10 * r + i))
+                step, tx = M.whole_steps(loss, lr, stacked=stacked)[base]
+                timed = _compile_time(jax.jit(step), params, tx.init(params), batch)
+            finally:
+                for (module, attr), value in saved.items():
+                    setattr(module, attr, value)
+            times.setdefault(name, []).append(timed)
+    first = np.array([t["total_cpu_s"] for t in times[names[0]]])
+    entry = {"leaves": len(jax.tree.leaves(params)), "variants": {}}
+    for name, ts in times.items():
+        total = np.array([t["total_cpu_s"] for t in ts])
+        entry["variants"][name] = {
+            "trace_cpu_s": float(np.median([t["trace_cpu_s"] for t in ts])),
+            "total_cpu_s": T.time_stats(total),
+            "kernels": ts[0]["kernels"],
+            "ratio": T.ratio_stats(total, first),
+        }
+    return entry
+
+
 def whole_step_section(quick: bool) -> dict:
     """Trace + compile of a whole training step (forward, backward, Adam, apply).
 
     Models from `_models.py`; variants plain Adam, `project` and the
-    hand-written "apply_updates, then tree_map(Keras's formula)", interleaved
-    (the order alternates between rounds), each with its own learning rate so
-    that no cache answers, and with JAX's caches cleared before it, so that
-    every variant traces all its programs, as in a fresh process (after one
-    untimed compile per model). Ratios to plain are taken within a round.
+    hand-written "apply_updates, then tree_map(Keras's formula)", measured
+    by `_whole_step_compiles`. Ratios to plain are taken within a round.
     """
     from benchmarks import _models as M
 
@@ -216,32 +259,14 @@ def whole_step_section(quick: bool) -> dict:
     if quick:
         models = {k: models[k] for k in ("lm4", "mlp100")}
     rounds = 1 if quick else 5
-    out = {"rounds": rounds, "models": {}}
-    for model, make in models.items():
-        params, batch, loss = make()
-        times: dict[str, list] = {}
-        names = ("plain", "project", "hand_keras")
-        step, tx = M.whole_steps(loss, 1e-3)["plain"]
-        _compile_time(jax.jit(step), params, tx.init(params), batch)  # untimed
-        for r in range(rounds):
-            for i, name in enumerate(names if r % 2 == 0 else names[::-1]):
-                jax.clear_caches()  # `project`'s inner programs are traced again too
-                lr = 1e-3 * (1 + 1e-4 * (10 * r + i))
-                step, tx = M.whole_steps(loss, lr, stacked=model.startswith("scan"))[name]
-                timed = _compile_time(jax.jit(step), params, tx.init(params), batch)
-                times.setdefault(name, []).append(timed)
-        plain = np.array([t["total_cpu_s"] for t in times["plain"]])
-        entry = {"leaves": len(jax.tree.leaves(params)), "variants": {}}
-        for name, ts in times.items():
-            total = np.array([t["total_cpu_s"] for t in ts])
-            entry["variants"][name] = {
-                "trace_cpu_s": float(np.median([t["trace_cpu_s"] for t in ts])),
-                "total_cpu_s": T.time_stats(total),
-                "kernels": ts[0]["kernels"],
-                "ratio": T.ratio_stats(total, plain),
-            }
-        out["models"][model] = entry
-    return out
+    variants = {name: (name, {}) for name in ("plain", "project", "hand_keras")}
+    return {
+        "rounds": rounds,
+        "models": {
+            model: _whole_step_compiles(make, variants, rounds, stacked=model.startswith("scan"))
+            for model, make in models.items()
+        },
+    }
 
 
 WHOLE_STEP_PARTS_OFF = 2**62
@@ -257,10 +282,9 @@ def whole_step_parts_section(quick: bool) -> dict:
     second sum branch-free on every leaf, as on small leaves), `no_ordering`
     (`ORDERED_SIZE`: XLA's own schedule for every leaf), `neither`; plus plain
     Adam and the hand-written Keras formula, which has no overflow safety.
-    Interleaved as in `whole_step`, after one untimed compile, with JAX's
-    caches cleared before each measurement. The switched-off variants change no
-    result (tests/test_perf_structure.py), only the optimizer step's passes
-    (no branch) and temporaries (no ordering).
+    Measured as `whole_step` is (`_whole_step_compiles`). The switched-off
+    variants change no result (tests/test_perf_structure.py), only the
+    optimizer step's passes (no branch) and temporaries (no ordering).
     """
     from benchmarks import _models as M
     from optax_constraints import _transform
@@ -276,37 +300,9 @@ def whole_step_parts_section(quick: bool) -> dict:
         "hand_keras": ("hand_keras", {}),
     }
     n_blocks = 2 if quick else 4
-    params, batch, loss = M.lm(n_blocks)
     rounds = 1 if quick else 5
-    names = list(variants)
-    times: dict[str, list] = {}
-    step, tx = M.whole_steps(loss, 1e-3)["plain"]
-    _compile_time(jax.jit(step), params, tx.init(params), batch)  # untimed: the process's first
-    for r in range(rounds):
-        for i, name in enumerate(names if r % 2 == 0 else names[::-1]):
-            base, settings = variants[name]
-            jax.clear_caches()  # each variant traces everything, as a fresh process does
-            saved = {key: getattr(*key) for key in settings}
-            try:
-                for (module, attr), value in settings.items():
-                    setattr(module, attr, value)
-                lr = 1e-3 * (1 + 1e-4 * (10 * r + i))
-                step, tx = M.whole_steps(loss, lr)[base]
-                timed = _compile_time(jax.jit(step), params, tx.init(params), batch)
-            finally:
-                for (module, attr), value in saved.items():
-                    setattr(module, attr, value)
-            times.setdefault(name, []).append(timed)
-    plain = np.array([t["total_cpu_s"] for t in times["plain"]])
-    out = {"model": f"lm{n_blocks}", "rounds": rounds, "variants": {}}
-    for name, ts in times.items():
-        total = np.array([t["total_cpu_s"] for t in ts])
-        out["variants"][name] = {
-            "total_cpu_s": T.time_stats(total),
-            "kernels": ts[0]["kernels"],
-            "ratio": T.ratio_stats(total, plain),
-        }
-    return out
+    entry = _whole_step_compiles(lambda: M.lm(n_blocks), variants, rounds)
+    return {"model": f"lm{n_blocks}", "rounds": rounds, **entry}
 
 
 # -- whole training steps at run time, against Keras's fit() -----------------

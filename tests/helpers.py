@@ -112,6 +112,31 @@ def update_form_error(after, before):
     return EPS32 * (np.abs(after - before) + np.abs(after))
 
 
+def projected_norm_rtol(after, before, axes, target, smallest=None):
+    """Relative error allowed for each unit norm that a projection set to `target`.
+
+    The rescaling's rounding and Keras's epsilon (`rescaled_norm_rtol`;
+    `smallest` bounds the units' norms before the projection, by default
+    `target`, as for a binding MaxNorm), plus, through `project`, the step's
+    `update_form_error` in 2-norm over the unit (`before`: the leaf before the
+    step; `None` for `apply_constraints`, which returns C(w) itself). `axes`:
+    the unit's axes of `after` (an int or a tuple). One value per unit where
+    `before` or `smallest` is one.
+
+    >>> w = np.ones((4, 3), np.float32)
+    >>> projected_norm_rtol(w, None, 0, 1.0) == rescaled_norm_rtol(4, 1.0)
+    True
+    >>> projected_norm_rtol(w, w, 0, 1.0).shape
+    (3,)
+    """
+    axes = tuple(int(a) for a in np.atleast_1d(axes))
+    n = int(np.prod([np.shape(after)[a] for a in axes]))
+    rtol = rescaled_norm_rtol(n, target if smallest is None else smallest)
+    if before is not None:
+        rtol = rtol + np.sqrt(np.sum(update_form_error(after, before) ** 2, axis=axes)) / target
+    return rtol
+
+
 def assert_close_ulps(actual, reference, k: float, *, scale=None, dtype=np.float32, err_msg=""):
     """Asserts `|actual - reference| <= ulps(scale, k, dtype)`, elementwise.
 

@@ -17,12 +17,13 @@ import optax
 import pytest
 from flax import nnx
 from flax.training import train_state
-from helpers import norm_ulps, rescaled_norm_rtol, ulps, update_form_error
+from helpers import EPS32, norm_ulps, projected_norm_rtol, ulps, update_form_error
 
 import optax_constraints as oc
 
-EPS32 = float(np.finfo(np.float32).eps)
-NORM_RTOL = 1e-5  # UnitNorm in training only: see `norm_rtol` for why not derived there
+# UnitNorm in training only: its bound (`projected_norm_rtol` with `smallest`)
+# needs the moved point's norm, which the loops here do not see.
+NORM_RTOL = 1e-5
 LR = 0.1
 
 
@@ -33,25 +34,6 @@ def norms(w, axis):
 
 def fan_in_norms(w):
     return norms(w, tuple(range(np.ndim(w) - 1)))
-
-
-def norm_rtol(after, before, axis, target, smallest=None):
-    """Relative error allowed for each unit norm a projection set to `target`.
-
-    The rescaling's rounding and Keras's epsilon (`rescaled_norm_rtol`;
-    `smallest` bounds the norms before the projection, by default `target`,
-    as for a binding MaxNorm), plus, through `project`, the step's
-    `update_form_error` (`before`: the leaf before the step; `None` for
-    `apply_constraints`, which returns C(w) itself) in 2-norm over the unit.
-    For a UnitNorm in training `smallest` would be the moved point's norm,
-    which the loops here do not see: those checks keep NORM_RTOL.
-    """
-    axes = tuple(np.atleast_1d(axis))
-    n = int(np.prod([np.shape(after)[a] for a in axes]))
-    rtol = rescaled_norm_rtol(n, target if smallest is None else smallest)
-    if before is not None:
-        rtol = rtol + norms(update_form_error(after, before), axes) / target
-    return rtol
 
 
 def assert_trees_equal(a, b):
@@ -136,10 +118,10 @@ def train_nnx(model, tx, steps=6, check=None):
 
 def check_nnx_feasible(p, before):
     hidden, embed = p["hidden"]["kernel"], p["embed"]["embedding"]
-    rtol = norm_rtol(hidden, before["hidden"]["kernel"], 0, KMAX)
+    rtol = projected_norm_rtol(hidden, before["hidden"]["kernel"], 0, KMAX)
     assert np.all(fan_in_norms(hidden) <= KMAX * (1 + rtol))
     np.testing.assert_allclose(fan_in_norms(p["head"]["kernel"]), 1.0, rtol=NORM_RTOL)
-    rtol = norm_rtol(embed, before["embed"]["embedding"], 1, EMAX)
+    rtol = projected_norm_rtol(embed, before["embed"]["embedding"], 1, EMAX)
     assert np.all(norms(embed, 1) <= EMAX * (1 + rtol))
     assert np.min(p["hidden"]["bias"]) >= 0 and np.min(p["gate"]) >= 0  # exact
 
@@ -246,7 +228,7 @@ def train_linen(params, tx, steps=8, check=None):
 
 def check_linen_feasible(p, before):
     kernel = p["Dense_0"]["kernel"]
-    rtol = norm_rtol(kernel, before["Dense_0"]["kernel"], 0, KMAX)
+    rtol = projected_norm_rtol(kernel, before["Dense_0"]["kernel"], 0, KMAX)
     assert np.all(fan_in_norms(kernel) <= KMAX * (1 + rtol))
     assert np.min(p["Dense_0"]["bias"]) >= 0
     np.testing.assert_allclose(fan_in_norms(p["Dense_1"]["kernel"]), 1.0, rtol=NORM_RTOL)
@@ -368,7 +350,7 @@ def test_nn_scan_makes_declared_constraints_per_layer():
             params, s = step(params, s)
             p = nn.unbox(params)["ScanBlock_0"]["Dense_0"]
             if tx is not free_tx:  # per layer, per unit: the norm over that layer's inputs
-                rtol[0] = norm_rtol(p["kernel"], old, 1, SMAX)
+                rtol[0] = projected_norm_rtol(p["kernel"], old, 1, SMAX)
                 assert np.all(norms(p["kernel"], 1) <= SMAX * (1 + rtol[0]))
                 assert np.min(p["bias"]) >= 0
         return nn.unbox(params)
@@ -419,7 +401,7 @@ def test_nn_vmap_stacks_and_remove_axis_unstacks():
     projected = oc.apply_constraints(params, *oc.declared(params))
     kernel = nn.unbox(projected)["VmapDense_0"]["kernel"]  # (in, members, out)
     smallest = norms(nn.unbox(params)["VmapDense_0"]["kernel"], 0).min()
-    rtol = norm_rtol(kernel, None, 0, 1.0, smallest)
+    rtol = projected_norm_rtol(kernel, None, 0, 1.0, smallest)
     np.testing.assert_allclose(norms(kernel, 0), 1.0, rtol=rtol)  # per member, per unit
 
 
@@ -482,7 +464,7 @@ def test_nnx_vmap_and_scan_make_declared_constraints_per_layer():
         step(model, optimizer)
         step(free_model, free_optimizer)
         kernel = np.asarray(model.blocks.lin.kernel[...])  # (layers, in, out)
-        rtol = norm_rtol(kernel, old, 1, SMAX)
+        rtol = projected_norm_rtol(kernel, old, 1, SMAX)
         assert np.all(norms(kernel, 1) <= SMAX * (1 + rtol))
         assert np.min(model.blocks.lin.bias[...]) >= 0
     # nnx.scan's remove/add axis left the declaration stacked once, not twice.
@@ -640,7 +622,7 @@ def test_mixing_declared_and_rules_trains():
         np.testing.assert_allclose(k.T @ k, np.eye(4), rtol=0, atol=slack)
         assert np.min(model.a.bias[...]) >= 0
         bias = np.asarray(model.b.bias[...])
-        assert norms(bias, 0) <= 1.0 * (1 + norm_rtol(bias, before_bias, 0, 1.0))
+        assert norms(bias, 0) <= 1.0 * (1 + projected_norm_rtol(bias, before_bias, 0, 1.0))
 
 
 def test_mixing_conflict_names_the_leaf_and_prefer_decides():

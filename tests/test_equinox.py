@@ -24,7 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import EPS32, norm_ulps, rescaled_norm_rtol, ulps, update_form_error
+from helpers import (
+    EPS32,
+    norm_ulps,
+    projected_norm_rtol,
+    rescaled_norm_rtol,
+    ulps,
+    update_form_error,
+)
 
 import optax_constraints as oc
 
@@ -42,15 +49,8 @@ def output_unit_norms(weight):
 
 
 def unit_rtol(after, before, target):
-    """Relative error allowed for each output unit's norm that MaxNorm set to `target`.
-
-    The rescaling's (`rescaled_norm_rtol` over the unit's `n` entries) plus
-    `update_form_error` in 2-norm over the unit.
-    """
-    axes = tuple(range(1, np.ndim(after)))
-    n = int(np.prod(np.shape(after)[1:]))
-    rounding = np.sqrt(np.sum(update_form_error(after, before) ** 2, axis=axes))
-    return rescaled_norm_rtol(n, target) + rounding / target
+    """Relative error allowed for each output unit's norm that MaxNorm set to `target`."""
+    return projected_norm_rtol(after, before, tuple(range(1, np.ndim(after))), target)
 
 
 def assert_on_the_bound(after, before, target, *, reached=True):

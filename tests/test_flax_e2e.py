@@ -7,7 +7,7 @@ so:
 
 * constrained leaves must satisfy their constraint after every step
   (`NonNeg` exactly, norms to the float32 rounding of the projection in
-  update space: `unit_rtol`), and after the first step equal the Keras
+  update space: `projected_norm_rtol`), and after the first step equal the Keras
   formula applied to the plain run's leaf (`assert_projected`);
 * unconstrained leaves (LayerNorm scale and bias) must equal the plain run's
   bit for bit: Adam is per-leaf, so any change the projection made to an
@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 from flax.training import train_state
-from helpers import EPS32, KERAS_EPSILON, norm_ulps, rescaled_norm_rtol, update_form_error
+from helpers import EPS32, KERAS_EPSILON, norm_ulps, projected_norm_rtol
 
 import optax_constraints as oc
 
@@ -65,19 +65,6 @@ def keras_unit_norm(w, axis):
     return w / (np.float32(1e-7) + np.sqrt(np.sum(w * w, axis=axis, keepdims=True)))
 
 
-def unit_rtol(after, before, axes, target, smallest=None):
-    """Relative error allowed for each unit's norm, which the projection set to `target`.
-
-    The rescaling's own (`rescaled_norm_rtol`; `smallest` bounds the norms
-    before the projection, by default `target`, as for a binding MaxNorm),
-    then the update form `p + u'` with `p = before`, the previous step's leaf
-    (`update_form_error`, in 2-norm over the unit).
-    """
-    n = int(np.prod([np.shape(after)[a] for a in axes]))
-    rounding = np.sqrt(np.sum(update_form_error(after, before) ** 2, axis=axes))
-    return rescaled_norm_rtol(n, target if smallest is None else smallest) + rounding / target
-
-
 def smallest_norm_before(before, axes):
     """A lower bound on the units' norms after one Adam step from `before`."""
     n = int(np.prod([before.shape[a] for a in axes]))
@@ -111,7 +98,7 @@ def fan_in_axes(kernel):
 def assert_feasible(kernels, biases, embedding, embed_check, previous):
     for name, kernel in kernels.items():
         norms = fan_in_norms(kernel)
-        rtol = unit_rtol(kernel, previous[name], fan_in_axes(kernel), KERNEL_MAX)
+        rtol = projected_norm_rtol(kernel, previous[name], fan_in_axes(kernel), KERNEL_MAX)
         assert np.all(norms <= KERNEL_MAX * (1 + rtol)), (name, norms.max())
     for name, bias in biases.items():
         assert float(jnp.min(bias)) >= 0.0, name  # exact: no element below zero, ever
@@ -185,7 +172,7 @@ def test_linen_train_state_lockstep():
             old = previous["Embed_0"]["embedding"]
             assert_projected(c["Embed_0"]["embedding"], expected, old, (1,))
         old_table = previous["Embed_0"]["embedding"]
-        embed_rtol = unit_rtol(
+        embed_rtol = projected_norm_rtol(
             c["Embed_0"]["embedding"], old_table, (1,), 1.0, smallest_norm_before(old_table, (1,))
         )
         assert_feasible(
@@ -215,7 +202,9 @@ def test_linen_train_state_lockstep():
     for name in LINEN_KERNELS:
         assert fan_in_norms(p[name]["kernel"]).max() > KERNEL_MAX * 1.1  # MaxNorm binds
         kernel = c[name]["kernel"]
-        rtol = unit_rtol(kernel, last[name]["kernel"], fan_in_axes(kernel), KERNEL_MAX).max()
+        rtol = projected_norm_rtol(
+            kernel, last[name]["kernel"], fan_in_axes(kernel), KERNEL_MAX
+        ).max()
         np.testing.assert_allclose(fan_in_norms(kernel).max(), KERNEL_MAX, rtol=rtol)
 
 
@@ -283,7 +272,7 @@ def test_nnx_optimizer_lockstep():
             expected = keras_max_norm(table, EMBED_MAX, 1)
             old = previous["embed"]["embedding"]
             assert_projected(c["embed"]["embedding"], expected, old, (1,))
-        embed_rtol = unit_rtol(
+        embed_rtol = projected_norm_rtol(
             c["embed"]["embedding"], previous["embed"]["embedding"], (1,), EMBED_MAX
         )
         assert_feasible(
@@ -308,10 +297,12 @@ def test_nnx_optimizer_lockstep():
     assert float(jnp.min(p["hidden"]["bias"])) < 0
     assert row_norms(p["embed"]["embedding"]).max() > EMBED_MAX * 1.1
     table = c["embed"]["embedding"]
-    rtol = unit_rtol(table, last["embed"]["embedding"], (1,), EMBED_MAX).max()
+    rtol = projected_norm_rtol(table, last["embed"]["embedding"], (1,), EMBED_MAX).max()
     np.testing.assert_allclose(row_norms(table).max(), EMBED_MAX, rtol=rtol)
     for name in NNX_KERNELS:
         assert fan_in_norms(p[name]["kernel"]).max() > KERNEL_MAX * 1.1
         kernel = c[name]["kernel"]
-        rtol = unit_rtol(kernel, last[name]["kernel"], fan_in_axes(kernel), KERNEL_MAX).max()
+        rtol = projected_norm_rtol(
+            kernel, last[name]["kernel"], fan_in_axes(kernel), KERNEL_MAX
+        ).max()
         np.testing.assert_allclose(fan_in_norms(kernel).max(), KERNEL_MAX, rtol=rtol)

@@ -17,9 +17,8 @@ default since JAX 0.7), inside `jax.set_mesh` and without it.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from helpers import run_on_devices
+from helpers import EPS32, run_on_devices
 
 SCRIPT = r"""
 import json, re, sys
@@ -230,7 +229,6 @@ def report(request):
     return _run(*request.param)
 
 
-EPS = float(np.finfo(np.float32).eps)
 STEPS = 3  # as in SCRIPT
 
 # Per leaf, how many float32 roundings one projection of a copy can order
@@ -257,7 +255,7 @@ ROUNDINGS = {
 
 
 def _bound(leaf_name, leaf, steps):
-    return steps * ROUNDINGS[leaf_name] * EPS * leaf["scale"]
+    return steps * ROUNDINGS[leaf_name] * EPS32 * leaf["scale"]
 
 
 def test_every_leaf_is_checked(report):
@@ -276,7 +274,7 @@ def test_values_match_a_per_copy_loop_of_the_unwrapped_constraint(report):
         assert leaf["per_copy_diff"] <= _bound(name, leaf, STEPS), (name, leaf)
         assert leaf["applied_diff"] <= _bound(name, leaf, 1), (name, leaf)
         # The largest violation over the copies is the per-copy maximum.
-        tol = ROUNDINGS[name] * EPS * leaf["copy_violation"]
+        tol = ROUNDINGS[name] * EPS32 * leaf["copy_violation"]
         assert abs(leaf["violation"] - leaf["copy_violation"]) <= tol, (name, leaf)
         assert leaf["copy_violation"] > 1, (name, leaf)  # the start is infeasible
 
@@ -287,7 +285,7 @@ def test_power_iteration_states_match_a_per_copy_loop(report):
         # (sigma_2 / sigma_1)^2 and adds one matrix-vector product's rounding
         # (32 + 16 terms); over init and the steps that sums to at most
         # (STEPS + 1) * 48 eps / (1 - contraction) for a unit vector.
-        bound = (STEPS + 1) * 48 * EPS / (1 - state["contraction"])
+        bound = (STEPS + 1) * 48 * EPS32 / (1 - state["contraction"])
         assert state["per_copy_diff"] <= bound, (name, state)
         assert state["max_abs_diff"] <= bound, (name, state)
 
@@ -330,9 +328,9 @@ def test_each_layer_satisfies_its_constraint(report):
     assert all(1 - 1e-5 <= s <= 1 + 1e-5 for s in sigmas), sigmas
     # A unit's 32 entries sum to 1 within a 32-term sum's rounding, twice
     # (the projection, then params + update).
-    assert all(abs(s - 1) <= 2 * 32 * EPS for s in per_layer["simplex_sums"])
+    assert all(abs(s - 1) <= 2 * 32 * EPS32 for s in per_layer["simplex_sums"])
     assert per_layer["simplex_min"] >= 0
-    assert per_layer["l1_max_norm"] <= 1 + 2 * 32 * EPS
+    assert per_layer["l1_max_norm"] <= 1 + 2 * 32 * EPS32
     assert per_layer["bias_min"] >= 0
 
 
@@ -341,7 +339,7 @@ def test_a_stack_sharded_within_copies_too_gathers_each_copy_only():
     for name, leaf in report["leaves"].items():
         assert leaf["same_sharding"], name
         # One step: one projection's roundings (ROUNDINGS above).
-        assert leaf["per_copy_diff"] <= ROUNDINGS[name] * EPS * leaf["scale"], (name, leaf)
+        assert leaf["per_copy_diff"] <= ROUNDINGS[name] * EPS32 * leaf["scale"], (name, leaf)
     # Each device gathers its own layer's (64, 32) copy over "model", never
     # the stack of 4.
     assert report["gathers"], "a matrix constraint needs the whole copy"

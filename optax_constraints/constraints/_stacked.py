@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from optax_constraints.constraints._base import Constraint, FunctionConstraint
 from optax_constraints.constraints._registry import get, serialize
 from optax_constraints.projections._axis import _as_int
-from optax_constraints.projections._sharding import explicit_mesh_axes
+from optax_constraints.projections._sharding import explicit_mesh_axes, padded_spec
 
 STACK_AXIS_HELP = (
     "stack_axis must be an int or a non-empty tuple/list of distinct ints (negative"
@@ -317,7 +317,7 @@ def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
         if not axes:
             return mapped(*args)
         sharding = jax.typeof(leaf).sharding
-        spec = tuple(sharding.spec) + (None,) * (leaf.ndim - len(sharding.spec))
+        spec = padded_spec(sharding, leaf.ndim)
         per_copy = NamedSharding(sharding.mesh, PartitionSpec(*(spec[a] for a in stacked)))
 
         def out(kind):

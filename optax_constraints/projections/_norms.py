@@ -153,12 +153,11 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
     w = jnp.asarray(w)
     axes = resolve_axis(axis, w.ndim)
     sumsq = jnp.sum(w * w, axis=axes, keepdims=True)
-    overflow = jnp.isinf(sumsq)
     if w.size == 0 or all(w.shape[a] == 1 for a in axes):
         # One entry per unit: XLA drops the size-1 sum and rewrites
         # (w * 2**-k)**2 as (w * w) * 2**-2k, which overflows again (or
         # flushes to 0). The norm of one entry is |w|, exactly.
-        return jnp.where(overflow, jnp.abs(w), _safe_sqrt(sumsq))
+        return jnp.where(jnp.isinf(sumsq), jnp.abs(w), _safe_sqrt(sumsq))
     if not _BRANCH_ON_OVERFLOW.get():
         return _rescaled_where_overflowed(w, axes, sumsq)
 

@@ -29,6 +29,16 @@ def _explicit(sharding) -> bool:
     return any(axes is not None for axes in sharding.spec)
 
 
+def _mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axis names in one `PartitionSpec` entry: None, a name, or a tuple."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def padded_spec(sharding: NamedSharding, ndim: int) -> tuple:
+    """`sharding.spec` with one entry per axis of an `ndim`-array (None: not sharded)."""
+    return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+
+
 def shard_counts(x: jax.Array) -> tuple[int, ...]:
     """Per axis of `x`, in how many pieces its type shards it (1: not, or `Auto` axes).
 
@@ -39,8 +49,8 @@ def shard_counts(x: jax.Array) -> tuple[int, ...]:
     sharding = _sharding(x)
     counts = [1] * x.ndim
     if sharding is not None:
-        for i, axes in enumerate(sharding.spec):
-            for name in (axes,) if isinstance(axes, str) else axes or ():
+        for i, entry in enumerate(sharding.spec):
+            for name in _mesh_axes(entry):
                 counts[i] *= sharding.mesh.shape[name]
     return tuple(counts)
 
@@ -58,14 +68,9 @@ def explicit_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
     sharding = _sharding(x)
     if sharding is None:
         return ()
-    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    spec = padded_spec(sharding, x.ndim)
     explicit = set(sharding.mesh.explicit_axes)
-    return tuple(
-        name
-        for a in axes
-        for name in ((spec[a],) if isinstance(spec[a], str) else spec[a] or ())
-        if name in explicit
-    )
+    return tuple(name for a in axes for name in _mesh_axes(spec[a]) if name in explicit)
 
 
 def gathered(x: jax.Array) -> jax.Array:
