@@ -9,21 +9,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_constraints._routing import Constraints, Route, normalize, route
-from optax_constraints.constraints._base import update_and_target
+from optax_constraints._routing import Constraints, normalize, route
+from optax_constraints._shard_map import leaf_specs, on_leaf, split_axes
 from optax_constraints.projections import compute_dtype
-from optax_constraints.projections._sharding import shard_counts
 
 PyTree = Any
 
 NO_PARAMS_MSG = (
-    optax.NO_PARAMS_MSG  # pyright: ignore[reportAttributeAccessIssue]  (newer optax only)
-    if hasattr(optax, "NO_PARAMS_MSG")
-    else (
-        "You are using a transformation that requires the current value of"
-        " parameters, but you are not passing `params` when calling `update`."
-    )
+    "You are using a transformation that requires the current value of"
+    " parameters, but you are not passing `params` when calling `update`."
 )
+"""The error text when `update` gets no `params` (optax's own wording)."""
 
 
 class ProjectState(NamedTuple):
@@ -53,6 +49,7 @@ def project(
     param_labels: PyTree | None = None,
     *,
     every_k_steps: int = 1,
+    param_specs: PyTree | None = None,
 ) -> optax.GradientTransformation:
     """Projects the parameters onto their constraints after each update.
 
@@ -73,13 +70,21 @@ def project(
         `params -> labels` such as `oc.label_by_path(...)`.
       every_k_steps: project on the k-th, 2k-th, ... update (counting from 1)
         and pass updates through unchanged otherwise.
+      param_specs: for an `update` that runs inside `jax.shard_map`: the
+        params' `PartitionSpec`s (a pytree prefix, the `in_specs` you gave
+        `shard_map`). Each leaf is then the local block of a global parameter,
+        and the result equals the global projection (norms are `psum`med over
+        the mesh axes that split a unit; matrix and custom constraints see
+        the all-gathered leaf). Call `init` on the global params as usual.
 
     Returns:
       An `optax.GradientTransformation` with state `ProjectState`.
 
     Labels are checked once, in `init`: a label missing from `constraints`, a
     labels tree that does not fit, an axis out of range or a non-float leaf
-    raise `ValueError` naming the leaf's path and shape.
+    raise `ValueError` naming the leaf's path and shape. Inside `shard_map`
+    without `param_specs`, a constraint that reduces over a leaf split over
+    the mesh raises `ValueError` at trace time (elementwise ones need nothing).
 
     Inside `optax.MultiSteps` the projection lands only on the steps that emit
     an update (Keras projects after every micro-batch step).
@@ -106,19 +111,17 @@ def project(
         raise ValueError(f"project: every_k_steps must be an int >= 1; got {every_k_steps!r}.")
 
     def init_fn(params):
-        routes = route(params, mapping, labels, check=True)
         states = {}
-        for r in routes:
-            if r.constraint is not None:
-                s = r.constraint.init_state(jnp.asarray(r.leaf.value))
-                if s is not None:
-                    states[r.leaf.path_str] = s
+        for r, c, _ in _plan(params, mapping, labels, param_specs, check=True):
+            s = c.init_state(jnp.asarray(r.leaf.value))
+            if s is not None:
+                states[r.leaf.path_str] = s
         return ProjectState(jnp.zeros([], jnp.int32), states)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(NO_PARAMS_MSG)
-        routes = [r for r in route(params, mapping, labels, check=False) if r.constraint]
+        plan = _plan(params, mapping, labels, param_specs, check=False)
         flat_updates, treedef = jax.tree.flatten(updates)
         flat_params = jax.tree.leaves(params)
         if len(flat_updates) != len(flat_params):
@@ -127,158 +130,63 @@ def project(
                 f" {len(flat_params)}; pass the same structure for both."
             )
 
-        due = None if every_k_steps == 1 else (state.count + 1) % every_k_steps == 0
-        flat_updates, states = _project_leaves(
-            routes, flat_params, flat_updates, dict(state.constraint_states), state.count, due
-        )
+        def projected(operands):
+            us, states = operands[0], dict(operands[1])
+            out = []
+            for (r, c, _), u in zip(plan, us, strict=True):
+                key = r.leaf.path_str
+                p = flat_params[r.leaf.index]
+                new_u, s = c.project_update(p, u, states.get(key), state.count)
+                out.append(new_u)
+                if key in states:
+                    states[key] = s
+            return out, states
+
+        operands = ([flat_updates[r.leaf.index] for r, _, _ in plan], state.constraint_states)
+        if every_k_steps == 1:
+            projected_u, states = projected(operands)
+        else:
+            due = (state.count + 1) % every_k_steps == 0
+            projected_u, states = jax.lax.cond(due, projected, lambda ops: ops, operands)
+        for (r, _, _), u in zip(plan, projected_u, strict=True):
+            flat_updates[r.leaf.index] = u
         new_count: jax.Array = optax.safe_int32_increment(state.count)  # pyright: ignore[reportAssignmentType]  (an int32 Array)
         return jax.tree.unflatten(treedef, flat_updates), ProjectState(new_count, states)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-GROUP_BYTES = 4 * 2**20
-"""Bytes of targets that `project` projects concurrently (see `_InGroups`)."""
+def _plan(params, mapping, labels, param_specs, *, check: bool):
+    """`(route, constraint as this trace runs it, split mesh axes)` per constrained leaf."""
+    routes = route(params, mapping, labels, check=check)
+    specs = leaf_specs(params, param_specs, routes)
+    return [
+        (r, on_leaf(r, specs.get(r.leaf.index)), split_axes(specs.get(r.leaf.index)))
+        for r in routes
+        if r.constraint is not None
+    ]
 
-ORDERED_SIZE = 2**16
-"""Leaves with fewer elements are left to XLA's schedule (see `_InGroups`)."""
 
+def project_states(state: PyTree) -> dict[str, PyTree]:
+    """The per-leaf constraint states in an optimizer state (every `ProjectState` in it).
 
-def _project_leaves(routes, flat_params, flat_u, states, count, due=None):
-    """Every routed leaf's projected update, in groups (see `_InGroups`).
-
-    With `due` (a traced bool, `every_k_steps`), updates pass through
-    unchanged unless `due`: large leaves each under their own `lax.cond`, in
-    the same ordered groups; small leaves under one `lax.cond` together; the
-    update forms that constraints define themselves (`project_update`:
-    NonNeg, Clip; elementwise) computed every step and selected. One
-    `cond` over the whole tree would make XLA materialise every leaf's update
-    at once, and the page faults of that buffer would cost more than the
-    projection saved (docs/performance.md).
+    >>> import jax.numpy as jnp, optax
+    >>> import optax_constraints as oc
+    >>> tx = optax.chain(optax.sgd(0.1), oc.project(oc.SpectralNorm(1.0)))
+    >>> list(project_states(tx.init({"w": jnp.ones((3, 2))})))
+    ['w']
     """
-    flat_u = list(flat_u)
-    order = _InGroups()
-    small = []
-    for r in routes:
-        i, key, c = r.leaf.index, r.leaf.path_str, r.constraint
-        p, state = flat_params[i], states.get(key)
-        if c.has_update_form:
-            # The constraint's own update form (NonNeg, Clip): elementwise,
-            # nothing to order.
-            new_u, new_state = c.project_update(p, flat_u[i], state, count)
-            if due is not None:
-                new_u, new_state = _where(due, (new_u, new_state), (flat_u[i], state))
-        elif due is not None and p.size < ORDERED_SIZE:
-            small.append(r)
-            continue
-        else:
-            update = order.after_previous_group(flat_u[i])
-
-            def projected(operands, c=c, p=p):
-                u, s = operands
-                new_u, s, target = update_and_target(c, p, u, s, count)
-                return new_u, s, target if due is None else new_u
-
-            if due is None:
-                new_u, new_state, anchor = projected((update, state))
-            else:
-                new_u, new_state, anchor = jax.lax.cond(
-                    due, projected, lambda ops: (*ops, ops[0]), (update, state)
-                )
-            order.add(anchor)
-        flat_u[i] = new_u
-        if key in states:
-            states[key] = new_state
-    if small:
-
-        def projected_small(operands):
-            updates, small_states = operands
-            out_u, out_s = [], []
-            for r, u, s in zip(small, updates, small_states, strict=True):
-                new_u, s, _ = update_and_target(
-                    r.constraint, flat_params[r.leaf.index], u, s, count
-                )
-                out_u.append(new_u)
-                out_s.append(s)
-            return out_u, out_s
-
-        operands = (
-            [flat_u[r.leaf.index] for r in small],
-            [states.get(r.leaf.path_str) for r in small],
+    found = [
+        x
+        for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ProjectState))
+        if isinstance(x, ProjectState)
+    ]
+    if not found:
+        raise ValueError(
+            "state= holds no oc.ProjectState: pass the optimizer state that oc.project's"
+            " init made (or the ProjectState in it)."
         )
-        out_u, out_s = jax.lax.cond(due, projected_small, lambda ops: ops, operands)
-        for r, new_u, new_state in zip(small, out_u, out_s, strict=True):
-            flat_u[r.leaf.index] = new_u
-            if r.leaf.path_str in states:
-                states[r.leaf.path_str] = new_state
-    return flat_u, states
-
-
-def _where(due, if_due, otherwise):
-    return jax.tree.map(lambda a, b: jnp.where(due, a, b), if_due, otherwise)
-
-
-class _InGroups:
-    """Orders the projections in groups of about `GROUP_BYTES` of targets.
-
-    A norm-type projection of `q = p + u` reads `q` twice (the norms, then the
-    rescaling) and needs `p` again for `C(q) - p`, so XLA writes `q` to a
-    temporary buffer. XLA:CPU's default scheduler runs the program breadth
-    first, for concurrency: every leaf's `q` is computed before the first one
-    is consumed, so all of them are live at once (one full copy of the
-    constrained parameters, freshly mapped and page-faulted on every step).
-
-    Here each group's updates depend on the previous group's targets through
-    a scalar that is always exactly 0.0 (`u - 0.0 == u` bit for bit, `-0.0`
-    and NaN included): a test on the sum of a few entries of every target in
-    the group, which XLA cannot prove constant. A reduction stays a step of
-    its own, one level below the rescaling pass, so a breadth-first schedule
-    finishes a group's rescaling before it starts the next group's `q`, and
-    the temporary buffers are reused. Memory-minimising schedulers need no
-    help; on them the extra work is a few scalar operations per group.
-
-    Leaves under `ORDERED_SIZE` elements are left out: their buffers are
-    small, and every ordered leaf adds a little to XLA's compile time.
-    """
-
-    def __init__(self):
-        self.group_bytes = GROUP_BYTES
-        self.previous = None  # 0.0, computed from the previous group's targets
-        self.corners: list[jax.Array] = []
-        self.group_size = 0
-
-    def after_previous_group(self, update: jax.Array) -> jax.Array:
-        if self.previous is None or update.size < ORDERED_SIZE:
-            return update
-        return update - self.previous.astype(update.dtype)
-
-    def add(self, target: jax.Array) -> None:
-        if target.size < ORDERED_SIZE:
-            return
-        self.corners.append(jnp.sum(_corner(target), dtype=jnp.float32))
-        self.group_size += target.size * target.dtype.itemsize
-        if self.group_size >= self.group_bytes:
-            self.previous = (jnp.asarray(sum(self.corners)) > 0).astype(jnp.float32) * 0
-            self.corners, self.group_size = [], 0
-
-
-def _corner(x: jax.Array) -> jax.Array:
-    """A few entries at the start of `x`: the first 8 of its last axis, in general.
-
-    Taken without flattening: flattening a sharded `x` makes XLA all-gather
-    the whole parameter (tests/test_multidevice.py). An axis sharded over
-    `Explicit` mesh axes keeps one entry per shard (slices must split evenly).
-    """
-    if not x.ndim:
-        return x
-    counts = shard_counts(x)
-    last = min(x.shape[-1], -(-8 // counts[-1]) * counts[-1])
-    return x[(*(slice(0, n) for n in counts[:-1]), slice(0, last))]
-
-
-def _routes(params, constraints, param_labels) -> list[Route]:
-    mapping, labels = normalize(constraints, param_labels)
-    return route(params, mapping, labels, check=True)
+    return {k: v for s in found for k, v in s.constraint_states.items()}
 
 
 def apply_constraints(
@@ -287,13 +195,15 @@ def apply_constraints(
     param_labels: PyTree | None = None,
     *,
     step: int | jax.Array | None = None,
+    state: PyTree | None = None,
+    param_specs: PyTree | None = None,
 ) -> PyTree:
     """Projects a parameter tree directly: each constrained leaf `w` -> `C(w)`.
 
     Use it once on freshly initialised parameters so training starts
     feasible, or after loading a checkpoint. Low-precision leaves are projected
-    in float32 and rounded once. Stateful constraints use their own exact form
-    (`__call__`).
+    in float32 and rounded once. Stateful constraints use their exact form
+    (`__call__`), or with `state=` the state `project` keeps for the leaf.
 
     Args:
       params: the parameter pytree.
@@ -303,6 +213,9 @@ def apply_constraints(
         (`constraint.at_step(step)`); default 0, the schedule's start. After
         loading a checkpoint, pass the optimizer's step (e.g.
         `ProjectState.count`) to project onto the bound training had reached.
+      state: the optimizer state (or the `ProjectState` in it), for
+        constraints that need theirs (`Sphere(radius="init")`).
+      param_specs: inside `jax.shard_map`, as for `project`.
 
     >>> import jax.numpy as jnp
     >>> import optax
@@ -314,23 +227,17 @@ def apply_constraints(
     >>> round(float(jnp.linalg.norm(out["w"])), 4)  # the bound at step 100
     1.0
     """
-    routes = _routes(params, constraints, param_labels)
+    mapping, labels = normalize(constraints, param_labels)
     step = 0 if step is None else step
+    states = {} if state is None else project_states(state)
     flat, treedef = jax.tree.flatten(params)
-    # bfloat16/float16 leaves project through float32 temporaries: those are
-    # ordered in groups like `project`'s (81 MB -> 9 MB of temporaries on the
-    # benchmark's workload in bfloat16). Float32 leaves are projected in place
-    # in a donated buffer, which the ordering would prevent.
-    order = _InGroups()
-    for r in routes:
-        if r.constraint is not None:
-            w = flat[r.leaf.index]
-            low = compute_dtype(w.dtype) != w.dtype
-            c = r.constraint.at_step(step)
-            out = c(order.after_previous_group(w) if low else w).astype(w.dtype)
-            if low:
-                order.add(out)
-            flat[r.leaf.index] = out
+    for r, c, _ in _plan(params, mapping, labels, param_specs, check=True):
+        w = flat[r.leaf.index]
+        if r.leaf.path_str in states:
+            out, _ = c.apply(w.astype(compute_dtype(w.dtype)), states[r.leaf.path_str], step)
+        else:
+            out = c.at_step(step)(w)
+        flat[r.leaf.index] = out.astype(w.dtype)
     return jax.tree.unflatten(treedef, flat)
 
 
@@ -340,14 +247,19 @@ def constraint_violations(
     param_labels: PyTree | None = None,
     *,
     step: int | jax.Array | None = None,
+    state: PyTree | None = None,
+    param_specs: PyTree | None = None,
 ) -> dict[Hashable, jax.Array]:
     """Per label, the largest violation over its leaves (0 when feasible).
 
     Pure and jittable: cheap enough to log every step. The measure is each
     constraint's `violation(w)`: the norm excess for `MaxNorm`, the most
-    negative entry for `NonNeg`, `max |w - C(w)|` by default. It is computed
+    negative entry for `NonNeg`, `max |w - C(w)|` by default (and for a leaf
+    whose state `state=` holds: `max |w - apply(w, state)|`). It is computed
     in the leaf's compute dtype (float32 for float32 and lower precision,
-    float64 for float64 leaves under `jax_enable_x64`).
+    float64 for float64 leaves under `jax_enable_x64`). Inside
+    `jax.shard_map` with `param_specs`, it is the global maximum, the same on
+    every device.
 
     Args:
       params: the parameter pytree.
@@ -357,6 +269,9 @@ def constraint_violations(
         default 0, the schedule's start. While training, pass the
         optimizer's step count (the value `project` used on the last update
         is `ProjectState.count - 1`).
+      state: the optimizer state (or the `ProjectState` in it), for
+        constraints that need theirs (`Sphere(radius="init")`).
+      param_specs: inside `jax.shard_map`, as for `project`.
 
     >>> import jax.numpy as jnp
     >>> import optax
@@ -371,13 +286,19 @@ def constraint_violations(
     >>> at(0), at(100)
     (0.0, 4.0)
     """
+    mapping, labels = normalize(constraints, param_labels)
     step = 0 if step is None else step
+    states = {} if state is None else project_states(state)
     out: dict[Hashable, jax.Array] = {}
-    for r in _routes(params, constraints, param_labels):
-        if r.constraint is None:
-            continue
-        w = r.leaf.value
-        v = r.constraint.at_step(step).violation(w)
-        v = jnp.asarray(v, compute_dtype(getattr(w, "dtype", jnp.float32)))
+    for r, c, split in _plan(params, mapping, labels, param_specs, check=True):
+        w = jnp.asarray(r.leaf.value)
+        w = w.astype(compute_dtype(w.dtype))
+        if r.leaf.path_str in states:
+            projected, _ = c.apply(w, states[r.leaf.path_str], step)
+            v = jnp.max(jnp.abs(projected - w), initial=0.0)
+        else:
+            v = jnp.asarray(c.at_step(step).violation(w), w.dtype)
+        if split:
+            v = jax.lax.pmax(v, split)
         out[r.label] = jnp.maximum(out[r.label], v) if r.label in out else v
     return dict(sorted(out.items(), key=lambda kv: repr(kv[0])))

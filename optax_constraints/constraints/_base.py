@@ -12,10 +12,11 @@ Optax transform without changing that contract:
 * numeric hyper-parameters listed in `schedulable` may be Optax schedules
   (callables of the step count), resolved by `at_step(step)`.
 
-Three more describe a constraint to wrappers such as `Stacked` and to the
-routing report: `has_update_form` (does `project_update` have its own form),
+Three more describe a constraint to wrappers such as `Stacked`, to
+`jax.shard_map` and to the routing report: the class attribute `elementwise`,
 `on_leaf_axes(axes, ndim)` (the same constraint on another layout, if it can
-be written as one) and `describe_leaf(shape)` (how it sees a leaf).
+be written as one), `on_shards(spec)` (the same constraint on a local block
+inside `shard_map`, if it has one) and `describe_leaf(shape)`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from optax_constraints.projections import compute_dtype
-from optax_constraints.projections._norms import branch_on_overflow
 
 PyTree = Any
 
@@ -122,29 +122,27 @@ class Constraint:
     ) -> tuple[jax.Array, PyTree]:
         """The update `u'` with `param + u' == apply(param + update)` up to rounding.
 
-        Computed in float32 for bfloat16/float16 leaves. Subclasses override
-        this when an exact update-space form exists (see `NonNeg`), or to mark
-        an elementwise constraint (see `Clip`): `project` fuses overridden forms
-        into the optimizer's last pass instead of ordering them in groups, and
-        under `every_k_steps` computes them every step and selects.
-        """
-        new_update, state, _ = update_and_target(self, param, update, state, step)
-        return new_update, state
+        Computed in float32 for bfloat16/float16 leaves: `apply(param + update)
+        - param`. Subclasses override it where an exact update-space form
+        exists (see `NonNeg`).
 
-    @property
-    def has_update_form(self) -> bool:
-        """True when `project_update` is this constraint's own (elementwise) form.
-
-        `project` fuses such forms into the optimizer's last pass and, under
-        `every_k_steps`, computes them every step and selects. By default: the
-        subclass overrides `project_update` (`NonNeg`, `Clip`). Wrappers that
-        always override it (`Stacked`, `OutputFirst`) answer for what they wrap.
-
+        >>> import jax.numpy as jnp
+        >>> import numpy as np
         >>> import optax_constraints as oc
-        >>> oc.NonNeg().has_update_form, oc.MaxNorm().has_update_form
-        (True, False)
+        >>> p, u = jnp.array([[3.0], [0.0]]), jnp.array([[0.0], [4.0]])
+        >>> new_u, _ = oc.MaxNorm(1.0).project_update(p, u, None, 0)
+        >>> np.asarray(p + new_u, np.float64).round(4).tolist()
+        [[0.6], [0.8]]
         """
-        return type(self).project_update is not Constraint.project_update
+        dtype = compute_dtype(param.dtype)
+        param_c = param.astype(dtype)
+        target, state = self.apply(param_c + update.astype(dtype), state, step)
+        return (target - param_c).astype(update.dtype), state
+
+    #: True when the projection acts on each entry on its own (`NonNeg`, `Clip`):
+    #: the layout does not matter, and inside `jax.shard_map` the local block
+    #: is projected as it is.
+    elementwise: ClassVar[bool] = False
 
     def on_leaf_axes(self, axes: tuple[int, ...], ndim: int) -> Constraint | None:
         """This constraint on a sub-array, written as a constraint on the whole leaf.
@@ -165,7 +163,27 @@ class Constraint:
         True
         """
         del axes, ndim
-        return None
+        return self if self.elementwise else None
+
+    def on_shards(self, spec: tuple[tuple[str, ...], ...]) -> Constraint | None:
+        """This constraint on the local block of a leaf inside `jax.shard_map`.
+
+        `spec` has one entry per axis of the leaf: the mesh axes that split
+        it (`()` for an axis that is not split). Returns a constraint that,
+        given only the local block, computes the block of the global result
+        (norm constraints `psum` their per-unit sums over the mesh axes
+        that split a unit), or `None` (the default) when there is none:
+        `project` then all-gathers the leaf, applies this constraint to the
+        whole array and keeps the local block.
+
+        >>> import optax_constraints as oc
+        >>> oc.MaxNorm(1.0).on_shards((("fsdp",), ())) is not None
+        True
+        >>> oc.SpectralNorm(1.0).on_shards((("fsdp",), ())) is None
+        True
+        """
+        del spec
+        return self if self.elementwise else None
 
     def describe_leaf(self, shape: tuple[int, ...]) -> str:
         """How this constraint sees a leaf of `shape`, for `routing_report`.
@@ -178,7 +196,7 @@ class Constraint:
         >>> oc.CenterAround().describe_leaf((4, 3))
         'whole (4, 3)'
         """
-        return f"whole {tuple(shape)}"
+        return "elementwise" if self.elementwise else f"whole {tuple(shape)}"
 
     def violation(self, w: jax.Array) -> jax.Array:
         """How far `w` is from feasible: `max |w - C(w)|` (0 when feasible).
@@ -223,39 +241,6 @@ class Constraint:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
-
-
-BRANCH_SIZE = 2**16
-"""Leaves with at least this many elements use `branch_on_overflow` in `update_and_target`."""
-
-
-def update_and_target(
-    constraint: Constraint, param: jax.Array, update: jax.Array, state: PyTree, step: jax.Array
-) -> tuple[jax.Array, PyTree, jax.Array]:
-    """`Constraint.project_update`'s general form, also returning its target.
-
-    `target = constraint.apply(param + update)` in the compute dtype, and the
-    new update is `target - param`. `project` reads `target` to order the
-    leaves' projections (see `docs/performance.md`).
-
-    >>> import jax.numpy as jnp
-    >>> import numpy as np
-    >>> import optax_constraints as oc
-    >>> from optax_constraints.constraints._base import update_and_target
-    >>> p, u = jnp.array([[3.0], [0.0]]), jnp.array([[0.0], [4.0]])
-    >>> new_u, _, target = update_and_target(oc.MaxNorm(1.0), p, u, None, 0)
-    >>> np.asarray(target, np.float64).round(4).tolist()
-    [[0.6], [0.8]]
-    >>> bool(jnp.allclose(p + new_u, target))
-    True
-    """
-    dtype = compute_dtype(param.dtype)
-    param_c = param.astype(dtype)
-    # `param + update` is a temporary buffer here: on large leaves, norms may
-    # branch (CPU); on small ones a branch costs more compile time than it saves.
-    with branch_on_overflow(param.size >= BRANCH_SIZE):
-        target, state = constraint.apply(param_c + update.astype(dtype), state, step)
-    return (target - param_c).astype(update.dtype), state, target
 
 
 class FunctionConstraint(Constraint):

@@ -10,6 +10,7 @@ lower-case aliases are the same classes, as in `keras.constraints`.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import jax.numpy as jnp
@@ -21,7 +22,6 @@ from optax_constraints.constraints._base import (
     _hashable,
     check_number,
     is_python_number,
-    update_and_target,
 )
 
 
@@ -63,7 +63,33 @@ class _AxisConstraint(Constraint):
         return (type(self), _hashable(key))
 
 
-class MaxNorm(_AxisConstraint):
+class _NormConstraint(_AxisConstraint):
+    """A constraint that rescales each unit by a function of its norm.
+
+    Inside `jax.shard_map` it projects the local block of a leaf on its own:
+    the per-unit sums of squares are `psum`med over the mesh axes that split
+    a unit (`axis_name` of the projections), the rescaling is local.
+    """
+
+    _axis_name: tuple[str, ...] | None = None
+
+    def on_shards(self, spec):
+        unit = P.resolve_axis(self.axis, len(spec))
+        local = copy.copy(self)
+        local._axis_name = tuple(name for a in unit for name in spec[a]) or None
+        return local
+
+    def at_step(self, step):
+        out = super().at_step(step)
+        if out is not self:
+            out._axis_name = self._axis_name
+        return out
+
+    def _norms(self, w):
+        return P.unit_norms(_float(w), self.axis, self._axis_name)
+
+
+class MaxNorm(_NormConstraint):
     """Caps the norm of the weights incident to each unit at `max_value`.
 
     Keras's `MaxNorm`: `w * clip(norms, 0, max_value) / (1e-7 + norms)`, the
@@ -94,7 +120,7 @@ class MaxNorm(_AxisConstraint):
 
     def __call__(self, w):
         c = self.at_step(0)
-        return P.max_norm(w, c.max_value, c.axis)
+        return P.max_norm(w, c.max_value, c.axis, self._axis_name)
 
     def get_config(self):
         return {"max_value": self.max_value, "axis": _config_axis(self.axis)}
@@ -102,11 +128,11 @@ class MaxNorm(_AxisConstraint):
     def violation(self, w):
         """The largest amount by which a unit's norm exceeds `max_value`."""
         c = self.at_step(0)
-        excess = P.unit_norms(_float(w), c.axis) - c.max_value
+        excess = c._norms(w) - c.max_value
         return jnp.max(jnp.maximum(excess, 0), initial=0.0)
 
 
-class MinMaxNorm(_AxisConstraint):
+class MinMaxNorm(_NormConstraint):
     """Keeps the norm of each unit in `[min_value, max_value]`.
 
     Keras's `MinMaxNorm`: the norm moves to
@@ -151,7 +177,7 @@ class MinMaxNorm(_AxisConstraint):
 
     def __call__(self, w):
         c = self.at_step(0)
-        return P.min_max_norm(w, c.min_value, c.max_value, c.rate, c.axis)
+        return P.min_max_norm(w, c.min_value, c.max_value, c.rate, c.axis, self._axis_name)
 
     def get_config(self):
         return {
@@ -164,12 +190,12 @@ class MinMaxNorm(_AxisConstraint):
     def violation(self, w):
         """The largest distance of a unit's norm from `[min_value, max_value]`."""
         c = self.at_step(0)
-        norms = P.unit_norms(_float(w), c.axis)
+        norms = c._norms(w)
         gap = jnp.maximum(c.min_value - norms, norms - c.max_value)
         return jnp.max(jnp.maximum(gap, 0), initial=0.0)
 
 
-class UnitNorm(_AxisConstraint):
+class UnitNorm(_NormConstraint):
     """Scales the weights incident to each unit to unit norm.
 
     Keras's `UnitNorm`: `w / (1e-7 + norms)`. All-zero units stay zero.
@@ -185,7 +211,7 @@ class UnitNorm(_AxisConstraint):
         self.axis = P.canonical_axis(axis)
 
     def __call__(self, w):
-        return P.unit_norm(w, self.axis)
+        return P.unit_norm(w, self.axis, self._axis_name)
 
     def get_config(self):
         return {"axis": _config_axis(self.axis)}
@@ -212,15 +238,11 @@ class NonNeg(Constraint):
         # optax.apply_updates casts it to the param dtype.
         return jnp.where(param + update <= 0, -param, update), state
 
+    elementwise = True
+
     def violation(self, w):
         w = _float(w)
         return jnp.maximum(-jnp.min(w, initial=0), 0)
-
-    def on_leaf_axes(self, axes, ndim):
-        return self  # elementwise: the layout does not matter
-
-    def describe_leaf(self, shape):
-        return "elementwise"
 
 
 class Clip(Constraint):
@@ -253,21 +275,10 @@ class Clip(Constraint):
         c = self.at_step(0)
         return P.clip(w, c.min_value, c.max_value)
 
-    def project_update(self, param, update, state, step):
-        # The general form, declared elementwise: `project` then leaves it out
-        # of its ordered groups, and XLA fuses it into the optimizer's last
-        # pass (10 passes over the parameters, like plain Adam, instead of 13).
-        new_update, state, _ = update_and_target(self, param, update, state, step)
-        return new_update, state
+    elementwise = True
 
     def get_config(self):
         return {"min_value": self.min_value, "max_value": self.max_value}
-
-    def on_leaf_axes(self, axes, ndim):
-        return self  # elementwise: the layout does not matter
-
-    def describe_leaf(self, shape):
-        return "elementwise"
 
 
 class CenterAround(Constraint):

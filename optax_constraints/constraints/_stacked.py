@@ -109,11 +109,15 @@ class _View(Constraint):
         return self._through(apply_one, w.ndim, ("leaf", "copy"), ("leaf", "copy"))(w, state)
 
     @property
-    def has_update_form(self) -> bool:
-        return self.constraint.has_update_form
+    def elementwise(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.constraint.elementwise
+
+    def on_shards(self, spec):
+        whole = self._on_whole_leaf(len(spec))
+        return None if whole is None else whole.on_shards(spec)
 
     def project_update(self, param, update, state, step):
-        if not self.has_update_form:
+        if not self.elementwise:
             return super().project_update(param, update, state, step)
         whole = self._on_whole_leaf(param.ndim)
         if whole is not None and state is None:
@@ -255,6 +259,13 @@ class Stacked(_View):
 
     def _worst(self, violation):
         return jnp.max(violation, initial=0.0)  # over the copies
+
+    def on_shards(self, spec):
+        local = super().on_shards(spec)
+        stateless = type(self.constraint).init_state is Constraint.init_state
+        if local is None and stateless and not any(spec[a] for a in self._copy_axes(len(spec))):
+            return self  # only the stack axes are split: every copy is local
+        return local
 
     def at_step(self, step):
         inner = self.constraint.at_step(step)

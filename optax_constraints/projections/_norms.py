@@ -2,23 +2,22 @@
 
 Every function here maps one array to one array of the same shape and dtype.
 The float32 formulas are Keras 3's, term for term, so results agree with
-`keras.constraints` to the last bit or two; two things are added where Keras
-returns garbage:
+`keras.constraints` to the last bit or two. Two things differ where Keras
+returns NaN: the gradient of the norm at an all-zero unit is zero, and
+`min_max_norm` with `rate < 1` on a unit whose norm overflows scales it by
+`1 - rate` (docs/nonfinite.md).
 
-* a unit whose squared norm overflows (entries above ~1e19 in float32) gets its
-  norm from a rescaled sum instead of `inf` (Keras returns zeros or NaN);
-* the gradient of the norm at an all-zero unit is taken as zero instead of NaN.
+Norm projections take `axis_name`: inside `jax.shard_map`, the mesh axes that
+split a unit, over which the per-unit sums are `psum`med.
 
 bfloat16 and float16 inputs are computed in float32 and cast back.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import jax
@@ -65,23 +64,16 @@ def _short(x, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _is_array(value) -> bool:
-    return hasattr(value, "dtype") and hasattr(value, "shape")
-
-
-def _static(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
 def projection(fn: _F) -> _F:
-    """Makes `fn(w, **hyper)` one compiled XLA program in its compute dtype.
+    """Makes `fn(w, ...)` compute in `w`'s compute dtype and return `w`'s dtype.
 
-    Python-number and `axis` arguments are compile-time constants (as in
-    Keras's own jitted step, so `1 - rate` is rounded the same way); arrays
-    and tracers are runtime arguments, so traced hyper-parameters never
-    retrace. An eager call therefore rounds exactly like a jitted one, and
-    inside an outer `jax.jit` the inner program is simply inlined.
-    bfloat16/float16 inputs are computed in float32 and cast back.
+    bfloat16/float16 inputs are computed in float32 and cast back; float32
+    and float64 inputs are computed as they are (a float64 array
+    hyper-parameter under x64 does not promote a float32 leaf). Inside a
+    trace (`jax.jit`, `grad`, ...) the formula is traced as written; an eager
+    call runs it as one compiled program (Python numbers and `axis` as
+    constants, arrays as arguments), so it rounds like the jitted call and
+    like Keras's own jitted step, not like a chain of eager operations.
 
     Use it for your own projection functions:
 
@@ -93,32 +85,32 @@ def projection(fn: _F) -> _F:
     >>> shrink(jnp.array([2.0, 4.0], jnp.bfloat16), factor=0.25)
     Array([0.5, 1], dtype=bfloat16)
     """
+
+    def run(w, *args, **kwargs):
+        dtype = compute_dtype(w.dtype)
+        out = fn(w.astype(dtype), *args, **kwargs).astype(dtype)
+        return out.astype(w.dtype) if w.dtype in _LOW_PRECISION else out
+
     signature = inspect.signature(fn)
-    first = next(iter(signature.parameters))
 
     @functools.cache
-    def compiled(static_items, branch):
-        static = dict(static_items)
-
-        def run(w, dynamic):
-            dtype = w.dtype
-            with branch_on_overflow(branch):  # part of the cache key: see `unit_norms`
-                out = fn(w.astype(compute_dtype(dtype)), **static, **dynamic)
-            # A float64 array hyper-parameter (x64) must not promote a float32 leaf.
-            out = out.astype(compute_dtype(dtype))
-            return out.astype(dtype) if dtype in _LOW_PRECISION else out
-
-        return jax.jit(run)
+    def compiled(constants):
+        return jax.jit(lambda w, arrays: run(w, **arrays, **dict(constants)))
 
     @functools.wraps(fn)
     def wrapper(w, *args, **kwargs):
-        bound = signature.bind(w, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        w = as_array(arguments.pop(first))
-        static = {k: _static(v) for k, v in arguments.items() if not _is_array(v)}
-        dynamic = {k: v for k, v in arguments.items() if _is_array(v)}
-        return compiled(tuple(sorted(static.items())), _BRANCH_ON_OVERFLOW.get())(w, dynamic)
+        w = as_array(w)
+        if isinstance(w, jax.core.Tracer):
+            return run(w, *args, **kwargs)
+        arguments = signature.bind(w, *args, **kwargs).arguments
+        arguments.pop(next(iter(signature.parameters)))
+        arrays = {k: v for k, v in arguments.items() if hasattr(v, "dtype")}
+        constants = tuple(
+            (k, tuple(v) if isinstance(v, list) else v)
+            for k, v in arguments.items()
+            if k not in arrays
+        )
+        return compiled(constants)(w, arrays)
 
     return wrapper  # pyright: ignore[reportReturnType]  (functools.wraps: fn's signature)
 
@@ -131,18 +123,23 @@ def _safe_sqrt(x):
     return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
 
 
-def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
+AxisName = str | tuple[str, ...] | None
+"""Mesh axis names to `psum` per-unit sums over inside `jax.shard_map` (`None`: none)."""
+
+
+def unit_norms(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> jax.Array:
     """Euclidean norm of each unit: `sqrt(sum(w * w, axis, keepdims=True))`.
 
-    Same float32 bits as Keras's `ops.sqrt(ops.sum(ops.square(w), ...))`;
-    a unit whose sum of squares overflows is measured on a rescaled copy, so
-    the norm stays finite for finite inputs. That second sum is branch-free
-    by default and runs only when needed inside `branch_on_overflow` (same
-    result; docs/performance.md says which is faster where).
+    Keras's formula, with a gradient of zero (not NaN) at an all-zero unit.
+    A unit whose sum of squares overflows (float32 entries near 1e19) has
+    norm `inf`; docs/nonfinite.md says what each constraint makes of it.
 
     Args:
       w: the array.
       axis: the axes of one unit (see `resolve_axis`).
+      axis_name: inside `jax.shard_map`, the mesh axes that split the unit's
+        axes: the per-unit sums are `psum`med over them, so `w` may be the
+        local block of a sharded array (as `axis_name` in `jax.lax.psum`).
 
     Returns:
       An array with `w`'s rank (reduced axes kept with size 1).
@@ -151,116 +148,19 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
     Array([[5., 0.]], dtype=float32)
     """
     w = jnp.asarray(w)
-    axes = resolve_axis(axis, w.ndim)
-    sumsq = jnp.sum(w * w, axis=axes, keepdims=True)
-    if w.size == 0 or all(w.shape[a] == 1 for a in axes):
-        # One entry per unit: XLA drops the size-1 sum and rewrites
-        # (w * 2**-k)**2 as (w * w) * 2**-2k, which overflows again (or
-        # flushes to 0). The norm of one entry is |w|, exactly.
-        return jnp.where(jnp.isinf(sumsq), jnp.abs(w), _safe_sqrt(sumsq))
-    if not _BRANCH_ON_OVERFLOW.get():
-        return _rescaled_where_overflowed(w, axes, sumsq)
-
-    def branch():
-        # Only the second sum is conditional: the branch not taken returns
-        # its operand, and the choice per unit is made outside, where it fuses
-        # into the consumer of the norms. `max(sumsq) < inf` is False on an
-        # overflow and on a NaN, whose unit the `where` leaves NaN.
-        again = jax.lax.cond(
-            jnp.max(sumsq) < jnp.inf,
-            lambda s: s,
-            lambda s: _sum_scaled(w, axes, _literal_scale(w.dtype)),
-            sumsq,
-        )
-        return _where_overflowed(sumsq, again)
-
-    # On GPU a `cond` waits for the host to read the predicate: no branch there.
-    return jax.lax.platform_dependent(
-        cpu=branch, default=lambda: _rescaled_where_overflowed(w, axes, sumsq)
-    )
-
-
-LITERAL_SCALE_SIZE = 2**16
-"""Below this many elements, the branch-free second sum scales by a literal.
-
-A literal saves the kernel that computes a per-unit scale (compile time:
-one kernel per leaf); XLA may merge the literal broadcasts of same-shaped
-leaves into one array in memory, at most 256 KiB in float32 below this size.
-"""
-
-
-_BRANCH_ON_OVERFLOW = contextvars.ContextVar("branch_on_overflow", default=False)
-
-
-@contextlib.contextmanager
-def branch_on_overflow(enabled: bool = True) -> Iterator[None]:
-    """While tracing, lets `unit_norms` skip its second sum unless a unit overflowed.
-
-    By default `unit_norms` always sums a rescaled copy a second time
-    (branch-free): one more read of `w`, but XLA can still write `w` into a
-    donated buffer and rescale it in place. In this context, on CPU, the
-    second sum runs under a `lax.cond` only when some unit's sum overflowed.
-    That is faster where `w` is a temporary anyway, as `p + u` is in
-    `Constraint.project_update`, which enters this context; elsewhere the
-    `cond` would make XLA copy `w` (see docs/performance.md). The norms are
-    the same either way.
-
-    >>> import jax.numpy as jnp
-    >>> with branch_on_overflow():
-    ...     unit_norms(jnp.array([[3e30, 3.0], [4e30, 4.0]]))
-    Array([[5.e+30, 5.e+00]], dtype=float32)
-    """
-    token = _BRANCH_ON_OVERFLOW.set(enabled)
-    try:
-        yield
-    finally:
-        _BRANCH_ON_OVERFLOW.reset(token)
-
-
-def _rescaled_where_overflowed(w, axes, sumsq):
-    # Units whose sum overflows are summed again on w * 2**-k: scaling by a
-    # power of two is exact, so their norm is the rescaled one times 2**k.
-    # On large leaves the scale is a per-unit array computed from `sumsq`
-    # (2**-k where the sum overflowed, 1 elsewhere) rather than a literal:
-    # XLA merges literal broadcasts of one shape across leaves, writes the
-    # shared array to memory and reads it on every pass, while a computed one
-    # fuses into the reduction. It has the norms' shape, so it is sharded like
-    # them: nothing to slice or gather (docs/performance.md, docs/multihost.md).
-    if w.size < LITERAL_SCALE_SIZE:
-        scale = _literal_scale(w.dtype)
-    else:
-        k = _overflow_exponent(w.dtype)
-        scale = jnp.where(jnp.isinf(sumsq), jnp.asarray(2.0**-k, w.dtype), jnp.ones((), w.dtype))
-    return _where_overflowed(sumsq, _sum_scaled(w, axes, scale))
-
-
-def _literal_scale(dtype) -> jax.Array:
-    return jnp.asarray(2.0 ** -_overflow_exponent(dtype), dtype)
-
-
-def _sum_scaled(w, axes, scale):
-    scaled = w * scale
-    return jnp.sum(scaled * scaled, axis=axes, keepdims=True)
-
-
-def _where_overflowed(sumsq, sumsq_scaled):
-    """The norms: from `sumsq`, or where it overflowed from the sum scaled by 2**-k."""
-    k = _overflow_exponent(sumsq.dtype)
-    return jnp.where(
-        jnp.isinf(sumsq),
-        _safe_sqrt(sumsq_scaled) * jnp.asarray(2.0**k, sumsq.dtype),
-        _safe_sqrt(sumsq),
-    )
-
-
-def _overflow_exponent(dtype) -> int:
-    # Half the exponent range: entries that overflow when squared come back
-    # into range, entries that underflow are negligible next to them.
-    return int(jnp.finfo(dtype).maxexp) // 2
+    sumsq = jnp.sum(w * w, axis=resolve_axis(axis, w.ndim), keepdims=True)
+    if axis_name:
+        sumsq = jax.lax.psum(sumsq, axis_name)
+    return _safe_sqrt(sumsq)
 
 
 @projection
-def max_norm(w: jax.Array, max_value: jax.typing.ArrayLike = 2, axis: AxisSpec = 0) -> jax.Array:
+def max_norm(
+    w: jax.Array,
+    max_value: jax.typing.ArrayLike = 2,
+    axis: AxisSpec = 0,
+    axis_name: AxisName = None,
+) -> jax.Array:
     """Rescales each unit whose norm exceeds `max_value` down to it.
 
     .. math:: w' = w \\cdot \\frac{\\mathrm{clip}(\\|w\\|, 0, m)}{\\epsilon + \\|w\\|}
@@ -271,6 +171,8 @@ def max_norm(w: jax.Array, max_value: jax.typing.ArrayLike = 2, axis: AxisSpec =
       w: the weights.
       max_value: largest allowed norm per unit (a number, array or tracer).
       axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
+      axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
+        axes (see `unit_norms`).
 
     Returns:
       The projected weights, same shape and dtype.
@@ -285,7 +187,7 @@ def max_norm(w: jax.Array, max_value: jax.typing.ArrayLike = 2, axis: AxisSpec =
       Srivastava et al., Dropout: a simple way to prevent neural networks from
       overfitting, JMLR 2014 (section 5.1).
     """
-    norms = unit_norms(w, axis)
+    norms = unit_norms(w, axis, axis_name)
     desired = jnp.clip(norms, 0, max_value)
     return w * (desired / (EPSILON + norms))
 
@@ -297,6 +199,7 @@ def min_max_norm(
     max_value: jax.typing.ArrayLike = 1.0,
     rate: jax.typing.ArrayLike = 1.0,
     axis: AxisSpec = 0,
+    axis_name: AxisName = None,
 ) -> jax.Array:
     """Moves each unit's norm into `[min_value, max_value]` at speed `rate`.
 
@@ -304,7 +207,9 @@ def min_max_norm(
        {\\epsilon + \\|w\\|}
 
     `rate=1` enforces the interval strictly; smaller rates move the norm part
-    of the way each time. An all-zero unit stays zero (it has no direction).
+    of the way each time. An all-zero unit stays zero (it has no direction);
+    a unit whose norm overflows to `inf` is scaled by the limit of the
+    factor, `1 - rate` (Keras's formula gives `inf / inf`, NaN).
 
     Args:
       w: the weights.
@@ -312,6 +217,8 @@ def min_max_norm(
       max_value: largest allowed norm per unit.
       rate: fraction of the way to move, in `[0, 1]`.
       axis: axes of one unit.
+      axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
+        axes (see `unit_norms`).
 
     Returns:
       The projected weights, same shape and dtype.
@@ -322,13 +229,15 @@ def min_max_norm(
     >>> np.asarray(min_max_norm(jnp.array([[0.3, 6.0], [0.4, 8.0]]), 1.0, 2.0), np.float64).round(4).tolist()
     [[0.6, 1.2], [0.8, 1.6]]
     """
-    norms = unit_norms(w, axis)
+    norms = unit_norms(w, axis, axis_name)
     desired = rate * jnp.clip(norms, min_value, max_value) + (1 - rate) * norms
-    return w * (desired / (EPSILON + norms))
+    factor = desired / (EPSILON + norms)
+    # The one NaN of Keras's formula for finite w: inf / inf on an overflowed unit.
+    return w * jnp.where(jnp.isinf(norms), 1 - rate, factor)
 
 
 @projection
-def unit_norm(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
+def unit_norm(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> jax.Array:
     """Divides each unit by its norm (plus Keras's epsilon).
 
     .. math:: w' = \\frac{w}{\\epsilon + \\|w\\|}
@@ -341,7 +250,7 @@ def unit_norm(w: jax.Array, axis: AxisSpec = 0) -> jax.Array:
     Array([[0.6, 0. ],
            [0.8, 0. ]], dtype=float32)
     """
-    norms = unit_norms(w, axis)
+    norms = unit_norms(w, axis, axis_name)
     return w / (EPSILON + norms)
 
 
