@@ -35,15 +35,17 @@ import jax
 
 from optax_constraints import constraints as C
 from optax_constraints._labels import (
-    GLOB_HELP,
+    GlobRules,
     Path,
-    _compile_glob,
     _is_empty,
+    is_box,
     is_variable,
     key_name,
     path_to_str,
+    sample,
+    shape_of,
 )
-from optax_constraints._routing import as_constraint
+from optax_constraints.constraints._registry import as_constraint
 
 PyTree = Any
 
@@ -57,38 +59,18 @@ DECLARE_HELP = (
 # --- recognising framework objects without importing the frameworks ---------
 
 
-@functools.cache
-def _is_axis_metadata_type(cls: type) -> bool:
-    return any(
-        base.__name__ == "AxisMetadata" and base.__module__ == "flax.core.meta"
-        for base in cls.__mro__
-    )
-
-
-def _is_box(x) -> bool:
-    return _is_axis_metadata_type(type(x))
-
-
 def _is_keras_variable(x) -> bool:
     return type(x).__module__.startswith("keras") and hasattr(x, "constraint")
 
 
 def _is_stop(x) -> bool:
     """Where a declared leaf ends: a Variable, the outermost box, an empty node."""
-    return _is_empty(x) or is_variable(x) or _is_box(x) or _is_keras_variable(x)
+    return _is_empty(x) or is_variable(x) or is_box(x) or _is_keras_variable(x)
 
 
 def _flat(tree: PyTree) -> list[tuple[Path, Any]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stop)
     return [(tuple(key_name(e) for e in path), x) for path, x in flat]
-
-
-def _shape(x) -> tuple[int, ...]:
-    if is_variable(x):
-        x = x.get_value() if hasattr(x, "get_value") else x.value
-    while _is_box(x):
-        x = x.unbox()
-    return tuple(getattr(x, "shape", ()))
 
 
 # --- Linen: the with_constraint box -----------------------------------------
@@ -122,7 +104,7 @@ def _box_class():
 
         def add_axis(self, index: int, params: dict) -> ConstraintBox:
             value = self.value
-            if _is_box(value):  # flax's meta.add_axis stops at the outermost box
+            if is_box(value):  # flax's meta.add_axis stops at the outermost box
                 value = value.add_axis(index, params)
             return self.replace(
                 value=value,
@@ -132,7 +114,7 @@ def _box_class():
 
         def remove_axis(self, index: int, params: dict) -> ConstraintBox:
             value = self.value
-            if _is_box(value):
+            if is_box(value):
                 value = value.remove_axis(index, params)
             return self.replace(
                 value=value,
@@ -231,7 +213,7 @@ def with_constraint(init_fn: Callable, constraint) -> Callable:
     @functools.wraps(init_fn)
     def init(*args, **kwargs):
         value = init_fn(*args, **kwargs)
-        return box(value, constraint, len(_shape(value)))
+        return box(value, constraint, len(shape_of(value)))
 
     return init
 
@@ -308,7 +290,7 @@ def constraint_metadata(constraint) -> dict[str, Any]:
 def _declared_on(x, path: Path):
     """The constraint a wrapped leaf declares (None when it declares nothing)."""
     where = (
-        f"declared: the constraint on the parameter at '{path_to_str(path)}' (shape {_shape(x)})"
+        f"declared: the constraint on the parameter at '{path_to_str(path)}' (shape {shape_of(x)})"
     )
     if is_variable(x):
         found = x.get_metadata("constraint", None)
@@ -317,7 +299,7 @@ def _declared_on(x, path: Path):
         found = x.constraint
         return None if found is None else _checked_constraint(found, where)
     ours, box = [], x
-    while _is_box(box):
+    while is_box(box):
         if type(box) is _box_class():
             ours.append(box)
         box = box.unbox()
@@ -329,9 +311,9 @@ def _declared_on(x, path: Path):
     if not ours:
         return None
     (inner,) = ours
-    if len(_shape(x)) != inner.ndim + inner.added:
+    if len(shape_of(x)) != inner.ndim + inner.added:
         raise ValueError(
-            f"declared: the parameter at '{path_to_str(path)}' (shape {_shape(x)}) was created"
+            f"declared: the parameter at '{path_to_str(path)}' (shape {shape_of(x)}) was created"
             f" with {inner.ndim} dimension(s), and a transform"
             " (nn.scan / nn.vmap) added an axis that its oc.with_constraint box never saw:"
             " a box outside it (nn.with_partitioning's Partitioned) does not pass"
@@ -416,12 +398,12 @@ class DeclaredLabels:
         labels = jax.tree_util.tree_map_with_path(label_of, params, is_leaf=_is_stop)
         if len(seen) < len(self.labels):
             missing = [p for p in self.labels if p not in seen]
-            found = [p for p, _ in _flat(params)]
+            found = [path_to_str(p) for p, _ in _flat(params)]
             raise ValueError(
                 f"oc.declared: the parameter at '{path_to_str(missing[0])}' declares a"
                 f" constraint, but the params given have no leaf there"
                 f" ({len(missing)} constrained path(s) missing; parameter paths:"
-                f" {_sample(found)}). Pass oc.declared the tree you train: the same"
+                f" {sample(found)}). Pass oc.declared the tree you train: the same"
                 " params (variables['params'], not variables), or for NNX the state"
                 " the optimizer trains, e.g. oc.declared(nnx.state(model, nnx.Param))"
                 " for wrt=nnx.Param."
@@ -430,11 +412,6 @@ class DeclaredLabels:
 
     def __repr__(self):
         return f"DeclaredLabels({len(self.labels)} constrained leaves)"
-
-
-def _sample(paths, n: int = 6) -> str:
-    shown = ", ".join(repr(path_to_str(p)) for p in paths[:n])
-    return shown + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
 
 
 PREFER = (None, "declared", "rules")
@@ -519,12 +496,14 @@ def declared(
         raise ValueError(
             f"declared: prefer must be None, 'declared' or 'rules'; got prefer={prefer!r}."
         )
-    entries = _entries(tree)
-    compiled = []
-    for pattern, c in dict(rules or {}).items():
-        rule_c = None if c is None else _checked_constraint(c, f"declared: rule {pattern!r}")
-        compiled.append((pattern, _compile_glob(pattern), rule_c))
-    if prefer is not None and not compiled:
+    entries = [e for e in _entries(tree) if not _is_empty(e[2])]
+    engine = GlobRules(
+        dict(rules or {}),
+        lambda pattern, c: (
+            None if c is None else _checked_constraint(c, f"declared: rule {pattern!r}")
+        ),
+    )
+    if prefer is not None and not engine.patterns:
         raise ValueError(
             f"declared: prefer={prefer!r} without rules has nothing to decide; pass"
             " rules={glob: constraint} or drop prefer."
@@ -532,22 +511,18 @@ def declared(
 
     constraints: dict[Hashable, C.Constraint] = {}
     labels: dict[Path, Hashable] = {}
-    used: set[int] = set()
-    for path, name, x, own in entries:
-        if _is_empty(x):
-            continue
-        rule = next((i for i, (_, regex, _) in enumerate(compiled) if regex.match(name)), None)
+    won = [engine.first(name) for _, name, _, _ in entries]
+    for (path, name, x, own), rule in zip(entries, won, strict=True):
         chosen = own
         if rule is not None:
-            used.add(rule)
-            pattern, _, rule_c = compiled[rule]
+            pattern, rule_c = engine.patterns[rule], engine.values[rule]
             if rule_c is None:
                 pass  # a rule to None only exempts the leaf from later rules
             elif own is None or prefer == "rules":
                 chosen = rule_c
             elif prefer is None and own != rule_c:
                 raise ValueError(
-                    f"declared: the parameter at '{name}' (shape {_shape(x)}) declares"
+                    f"declared: the parameter at '{name}' (shape {shape_of(x)}) declares"
                     f" {own!r} and the rule {pattern!r} gives it {rule_c!r}. Say which"
                     " wins with prefer='declared' or prefer='rules', or narrow the rule"
                     " (an earlier rule mapping this path to None, e.g."
@@ -556,11 +531,5 @@ def declared(
         if chosen is not None:
             constraints[name] = chosen
             labels[path] = name
-    unmatched = [compiled[i][0] for i in range(len(compiled)) if i not in used]
-    if unmatched:
-        names = [name for _, name, x, _ in entries if not _is_empty(x)]
-        raise ValueError(
-            f"declared: rule(s) {unmatched} match no parameter (a typo, or shadowed by an"
-            f" earlier rule). Parameter paths: {_sample([(n,) for n in names])}. {GLOB_HELP}"
-        )
+    engine.check_all_apply("declared", [name for _, name, _, _ in entries], won)
     return constraints, DeclaredLabels(labels)

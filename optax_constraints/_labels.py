@@ -30,16 +30,33 @@ LABELS_HELP = (
 
 
 @functools.cache
-def _is_variable_type(cls: type) -> bool:
-    return any(
-        base.__name__ == "Variable" and base.__module__.startswith("flax.nnx")
-        for base in cls.__mro__
-    )
+def _has_base(cls: type, name: str, module: str) -> bool:
+    return any(b.__name__ == name and b.__module__.startswith(module) for b in cls.__mro__)
 
 
 def is_variable(x) -> bool:
     """True for a Flax NNX `Variable` (e.g. `nnx.Param`), detected without importing flax."""
-    return _is_variable_type(type(x))
+    return _has_base(type(x), "Variable", "flax.nnx")
+
+
+def is_box(x) -> bool:
+    """True for a Flax Linen `AxisMetadata` box (`nn.Partitioned`, `oc.with_constraint`'s)."""
+    return _has_base(type(x), "AxisMetadata", "flax.core.meta")
+
+
+def value_of(x):
+    """An NNX `Variable`'s array; anything else as it is."""
+    if is_variable(x):
+        return x.get_value() if hasattr(x, "get_value") else x.value
+    return x
+
+
+def shape_of(x) -> tuple[int, ...]:
+    """The shape of an array, or of the one inside a `Variable` and boxes; () for a non-array."""
+    x = value_of(x)
+    while is_box(x):
+        x = x.unbox()
+    return tuple(getattr(x, "shape", ()))
 
 
 def _is_empty(x) -> bool:
@@ -101,9 +118,7 @@ def param_leaves(params: PyTree) -> tuple[list[Leaf], list[Path]]:
         if _is_empty(x):
             empty.append(spath)
             continue
-        if is_variable(x):
-            x = x.get_value() if hasattr(x, "get_value") else x.value
-        leaves.append(Leaf(len(leaves), spath, x))
+        leaves.append(Leaf(len(leaves), spath, value_of(x)))
     return leaves, empty
 
 
@@ -111,8 +126,7 @@ def _label_entries(labels: PyTree) -> dict[Path, Hashable]:
     flat, _ = jax.tree_util.tree_flatten_with_path(labels, is_leaf=_is_node_leaf)
     out = {}
     for path, x in flat:
-        if is_variable(x):
-            x = x.get_value() if hasattr(x, "get_value") else x.value
+        x = value_of(x)
         if isinstance(x, optax.MaskedNode):
             x = None
         out[tuple(key_name(e) for e in path)] = x
@@ -143,8 +157,8 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
         else:
             raise ValueError(
                 f"No label for the parameter at '{leaf.path_str}' (shape"
-                f" {tuple(getattr(leaf.value, 'shape', ()))}): the labels tree does not"
-                f" fit the params. Label paths given: {_sample(entries)}."
+                f" {shape_of(leaf.value)}): the labels tree does not fit the params."
+                f" Label paths given: {sample(map(path_to_str, entries))}."
                 f"{_level_hint(leaf.path, entries, 'params', 'labels')} {LABELS_HELP}"
             )
     if len(used) < len(entries):
@@ -159,7 +173,7 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
             raise ValueError(
                 f"The label at '{path_to_str(path)}' matches no parameter: the labels tree"
                 f" does not fit the params. Parameter paths:"
-                f" {_sample([lf.path for lf in leaves])}."
+                f" {sample(lf.path_str for lf in leaves)}."
                 f"{_level_hint(path, [lf.path for lf in leaves], 'labels', 'params')} {LABELS_HELP}"
             )
     return out
@@ -187,10 +201,11 @@ def _level_hint(path: Path, others, this: str, other: str) -> str:
     )
 
 
-def _sample(paths, n: int = 6) -> str:
-    paths = [path_to_str(p) for p in paths]
-    shown = ", ".join(repr(p) for p in paths[:n])
-    return shown + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
+def sample(names, n: int = 6) -> str:
+    """The first `n` of some "/"-joined paths, for a message, and how many there are."""
+    names = list(names)
+    shown = ", ".join(repr(p) for p in names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 # --- label_by_path -----------------------------------------------------------
@@ -310,64 +325,79 @@ def label_by_path(
             "label_by_path: rules must be a mapping glob pattern -> label (or a list of"
             f" (pattern, label) pairs), e.g. {{'**/kernel': 'kernel'}}; got {rules!r}."
         ) from None
-    compiled = [(pattern, _compile_glob(pattern), label) for pattern, label in rules.items()]
-    for pattern, _, label in compiled:
-        _check_hashable(label, f"the label of rule {pattern!r}")
-    _check_hashable(default, "default")
+    engine = GlobRules(
+        rules, lambda pattern, label: _hashable(label, f"the label of rule {pattern!r}")
+    )
+    _hashable(default, "default")
 
     def labels_fn(params: PyTree) -> PyTree:
-        won: set[int] = set()  # rules that labelled some leaf
-        shadowed: dict[int, tuple[int, str]] = {}  # rule -> (earlier rule, a path it took)
-        shown: list[str] = []
-        count = 0
+        paths: list[str] = []
+        won: list[int | None] = []
 
         def label_of(path, leaf):
-            nonlocal count
-            spath = path_to_str(tuple(key_name(e) for e in path))
-            count += 1
-            if len(shown) < 8:
-                shown.append(spath)
-            for i, (_, regex, label) in enumerate(compiled):
-                if regex.match(spath):
-                    won.add(i)
-                    # Later rules that never won yet: note if this path was theirs too.
-                    for j in range(i + 1, len(compiled) if not allow_unmatched else 0):
-                        if j not in won and j not in shadowed and compiled[j][1].match(spath):
-                            shadowed[j] = (i, spath)
-                    return leaf if _is_empty(leaf) else label
-            return leaf if _is_empty(leaf) else default
+            paths.append(path_to_str(tuple(key_name(e) for e in path)))
+            won.append(engine.first(paths[-1]))
+            if _is_empty(leaf):
+                return leaf
+            return default if won[-1] is None else engine.values[won[-1]]
 
         labels = jax.tree_util.tree_map_with_path(label_of, params, is_leaf=_is_node_leaf)
-        if allow_unmatched or not count or len(won) == len(compiled):
-            return labels
-        listed = ", ".join(repr(p) for p in shown)
-        more = f", ... ({count} in all)" if count > len(shown) else ""
-        dead = [i for i in range(len(compiled)) if i not in won]
-        unmatched = [compiled[i][0] for i in dead if i not in shadowed]
-        if unmatched:
-            raise ValueError(
-                f"label_by_path: rule(s) {unmatched} match no parameter (a typo?)."
-                f" Parameter paths: {listed}{more}. Fix the pattern, or pass"
-                f" allow_unmatched=True if that is intended. {GLOB_HELP}"
+        if not allow_unmatched:
+            engine.check_all_apply(
+                "label_by_path", paths, won, ", or pass allow_unmatched=True if that is intended"
             )
-        i = dead[0]
-        earlier, spath = shadowed[i]
-        raise ValueError(
-            f"label_by_path: rule {compiled[i][0]!r} never applies: every path it matches"
-            f" (e.g. {spath!r}) is taken first by the earlier rule {compiled[earlier][0]!r}"
-            " (the first matching rule wins). Put the more specific rule first, or pass"
-            " allow_unmatched=True if that is intended."
-        )
+        return labels
 
-    labels_fn.rules = rules
-    labels_fn.default = default
     return labels_fn
 
 
-def _check_hashable(label, what: str) -> None:
+class GlobRules:
+    """Ordered glob rules -> values: a path takes the first rule it matches.
+
+    The engine of `label_by_path` (values are labels) and `declared(rules=)`
+    (values are constraints); `convert(pattern, value)` checks each value.
+    """
+
+    def __init__(self, rules: Mapping[str, Any], convert: Callable[[str, Any], Any]):
+        self.patterns = list(rules)
+        self.regexes = [_compile_glob(p) for p in self.patterns]
+        self.values = [convert(p, v) for p, v in rules.items()]
+
+    def first(self, path: str) -> int | None:
+        """The index of the first rule `path` matches (None: no rule)."""
+        return next((i for i, r in enumerate(self.regexes) if r.match(path)), None)
+
+    def check_all_apply(self, owner: str, paths: list[str], won, alternative: str = "") -> None:
+        """Raises `ValueError` for a rule that won none of `paths`, `won` giving each's rule.
+
+        A rule that matches no path is a typo; one whose paths earlier rules all
+        took is in the wrong order. Nothing to check when there are no paths.
+        """
+        won = set(won)
+        dead = [i for i in range(len(self.patterns)) if i not in won]
+        if not dead or not paths:
+            return
+        taken = [(i, next((p for p in paths if self.regexes[i].match(p)), None)) for i in dead]
+        unmatched = [self.patterns[i] for i, path in taken if path is None]
+        if unmatched:
+            raise ValueError(
+                f"{owner}: rule(s) {unmatched} match no parameter (a typo?). Parameter paths:"
+                f" {sample(paths)}. Fix the pattern{alternative}. {GLOB_HELP}"
+            )
+        i, path = next((i, path) for i, path in taken if path is not None)
+        earlier = next(j for j in range(i) if self.regexes[j].match(path))
+        raise ValueError(
+            f"{owner}: rule {self.patterns[i]!r} never applies: every path it matches (e.g."
+            f" {path!r}) is taken first by the earlier rule {self.patterns[earlier]!r} (the"
+            f" first matching rule wins). Put the more specific rule first{alternative}."
+        )
+
+
+def _hashable(label, what: str):
     try:
         hash(label)
     except TypeError:
         raise TypeError(
             f"label_by_path: {what} must be hashable (a string, say); got {label!r}."
         ) from None
+    return label

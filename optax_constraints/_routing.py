@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from optax_constraints import constraints as C
-from optax_constraints._labels import Leaf, resolve_labels
+from optax_constraints._labels import Leaf, resolve_labels, shape_of
+from optax_constraints.constraints._registry import as_constraint
 
 PyTree = Any
 Constraints = Mapping[Any, Any] | C.Constraint | Callable[..., Any]
@@ -29,14 +30,6 @@ class Route:
     leaf: Leaf
     label: Hashable
     constraint: C.Constraint | None
-
-
-def as_constraint(obj) -> C.Constraint | None:
-    """A `Constraint` from anything `oc.get` accepts; plain callables get wrapped."""
-    obj = C.get(obj)
-    if obj is None or isinstance(obj, C.Constraint):
-        return obj
-    return C.FunctionConstraint(obj)  # pyright: ignore[reportArgumentType]  (a callable w -> w)
 
 
 def normalize(constraints: Constraints, param_labels) -> tuple[dict, Any]:
@@ -64,10 +57,6 @@ def normalize(constraints: Constraints, param_labels) -> tuple[dict, Any]:
     return {label: as_constraint(c) for label, c in constraints.items()}, param_labels
 
 
-def _shape(x) -> tuple[int, ...]:
-    return tuple(getattr(x, "shape", ()))
-
-
 def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = True) -> list[Route]:
     """Pairs every array leaf with its constraint, checking the pairing.
 
@@ -87,7 +76,7 @@ def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = T
             used = _labels_used(params, param_labels)
             missing = {lb for lb in used if lb not in constraints}
             raise ValueError(
-                f"The parameter at '{leaf.path_str}' (shape {_shape(leaf.value)}) has label"
+                f"The parameter at '{leaf.path_str}' (shape {shape_of(leaf.value)}) has label"
                 f" {label!r}, which is not a key of constraints. Labels in use:"
                 f" {_set(used)}; constraints keys: {_set(constraints)}; missing:"
                 f" {_set(missing)}. Add the missing labels to constraints (a value of None"
@@ -108,7 +97,7 @@ def _set(labels) -> str:
 
 
 def _check(leaf: Leaf, label, constraint: C.Constraint) -> None:
-    shape, dtype = _shape(leaf.value), getattr(leaf.value, "dtype", None)
+    shape, dtype = shape_of(leaf.value), getattr(leaf.value, "dtype", None)
     where = f"the parameter at '{leaf.path_str}' (shape {shape}, dtype {dtype}, label {label!r})"
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
@@ -219,7 +208,7 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
     rows = [("path", "shape", "dtype", "label", "constraint", "view")]
     constrained = total = size_c = 0
     for r in routes:
-        shape = _shape(r.leaf.value)
+        shape = shape_of(r.leaf.value)
         size = math.prod(shape)
         total += size
         on = r.constraint is not None

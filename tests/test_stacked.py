@@ -369,7 +369,7 @@ def test_apply_constraints_and_violations_take_stacked():
 def test_leaf_without_the_stack_axes_fails_at_init_naming_it():
     params = {"block": {"kernel": jnp.ones((4, 5, 3)), "scale": jnp.ones(())}}
     tx = oc.project(oc.Stacked(oc.NonNeg(), stack_axis=0))
-    with pytest.raises(ValueError, match=r"block/scale.*\(\).*stack_axis=0 is out of range"):
+    with pytest.raises(ValueError, match=r"block/scale.*\(\).*stack_axis 0 is out of range"):
         tx.init(params)
 
 

@@ -1,5 +1,5 @@
 // MathJax for the `:math:` roles in docstrings (rewritten to \( \) by
-// docs/_griffe_math.py) and pymdownx.arithmatex's generic output.
+// docs/_griffe_docstrings.py) and pymdownx.arithmatex's generic output.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],

@@ -197,6 +197,14 @@ def deserialize(config: dict[str, Any] | str, custom_objects: dict[str, Any] | N
     return cls.from_config(dict(inner)) if hasattr(cls, "from_config") else cls(**inner)
 
 
+def as_constraint(identifier) -> Constraint | None:
+    """`get(identifier)`, with a plain callable `w -> w` wrapped in a `FunctionConstraint`."""
+    obj = get(identifier)
+    if obj is None or isinstance(obj, Constraint):
+        return obj
+    return FunctionConstraint(obj)  # pyright: ignore[reportArgumentType]  (a callable w -> w)
+
+
 def get(identifier):
     """Resolves anything that names a constraint, as `keras.constraints.get` does.
 

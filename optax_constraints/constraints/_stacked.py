@@ -24,16 +24,16 @@ with `jax.vmap`, or given the moved axes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_constraints.constraints._base import Constraint, FunctionConstraint
-from optax_constraints.constraints._registry import get, serialize
-from optax_constraints.projections._axis import _as_int
+from optax_constraints.constraints._base import Constraint
+from optax_constraints.constraints._registry import as_constraint, serialize
+from optax_constraints.projections._axis import canonical_axis, in_range
 from optax_constraints.projections._sharding import explicit_mesh_axes, padded_spec
 
 STACK_AXIS_HELP = (
@@ -44,24 +44,23 @@ STACK_AXIS_HELP = (
 
 def _wrapped(owner: str, constraint) -> Constraint:
     """A `Constraint` from anything `oc.get` accepts; plain callables are wrapped."""
-    obj = get(constraint)
+    obj = as_constraint(constraint)
     if obj is None:
         raise TypeError(
             f"{owner} needs the constraint to apply, e.g. {owner}(oc.MaxNorm(2.0,"
             " axis='fan_in')); got None."
         )
-    return obj if isinstance(obj, Constraint) else FunctionConstraint(cast(Callable, obj))
+    return obj
 
 
 def _canonical_stack_axis(stack_axis) -> int | tuple[int, ...]:
-    as_int = _as_int(stack_axis)
-    if as_int is not None:
-        return as_int
-    if isinstance(stack_axis, (tuple, list)) and stack_axis:
-        ints = tuple(_as_int(a) for a in stack_axis)
-        if all(a is not None for a in ints) and len(set(ints)) == len(ints):
-            return cast(tuple[int, ...], ints)
-    raise ValueError(f"Stacked: {STACK_AXIS_HELP}; got stack_axis={stack_axis!r}.")
+    try:
+        axis = canonical_axis(stack_axis)
+    except ValueError:
+        axis = None
+    if axis is None or isinstance(axis, str) or axis == ():
+        raise ValueError(f"Stacked: {STACK_AXIS_HELP}; got stack_axis={stack_axis!r}.")
+    return axis
 
 
 class _View(Constraint):
@@ -200,18 +199,7 @@ class Stacked(_View):
         >>> oc.Stacked(oc.NonNeg(), stack_axis=(-1, 0)).stack_axes(3)
         (0, 2)
         """
-        axes = (self.stack_axis,) if isinstance(self.stack_axis, int) else self.stack_axis
-        if any(not -ndim <= a < ndim for a in axes):
-            raise ValueError(
-                f"stack_axis={self.stack_axis!r} is out of range for a leaf with {ndim}"
-                f" dimension(s) (valid: {-ndim}..{ndim - 1})"
-            )
-        resolved = sorted(a % ndim for a in axes)
-        if len(set(resolved)) != len(resolved):
-            raise ValueError(
-                f"stack_axis={self.stack_axis!r} names the same dimension twice for a {ndim}-d leaf"
-            )
-        return tuple(resolved)
+        return in_range(self.stack_axis, ndim, "stack_axis")
 
     def _copy_axes(self, ndim: int) -> tuple[int, ...]:
         stacked = self.stack_axes(ndim)
@@ -291,10 +279,6 @@ class Stacked(_View):
     def get_config(self):
         axis = list(self.stack_axis) if isinstance(self.stack_axis, tuple) else self.stack_axis
         return {"constraint": serialize(self.constraint), "stack_axis": axis}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     def _key(self):
         axis = self.stack_axis
@@ -435,10 +419,6 @@ class OutputFirst(_View):
 
     def get_config(self):
         return {"constraint": serialize(self.constraint)}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     def _key(self):
         return (type(self), self.constraint)

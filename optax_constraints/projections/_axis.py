@@ -71,7 +71,7 @@ def resolve_axis(axis: AxisSpec, ndim: int) -> tuple[int, ...]:
     axis = canonical_axis(axis)
     if axis is None:
         return tuple(range(ndim))
-    if axis == FAN_IN:
+    if isinstance(axis, str):  # "fan_in"
         if ndim < 2:
             raise ValueError(
                 f"axis='fan_in' needs an array with at least 2 dimensions (fan-in"
@@ -80,17 +80,26 @@ def resolve_axis(axis: AxisSpec, ndim: int) -> tuple[int, ...]:
                 " another constraint."
             )
         return tuple(range(ndim - 1))
+    return in_range(axis, ndim)
+
+
+def in_range(axis: int | tuple[int, ...], ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Canonical int axes as the non-negative, sorted axes of an `ndim` array.
+
+    Raises `ValueError`, calling them `name`, when one is out of range or two
+    name the same dimension.
+    """
     axes = (axis,) if isinstance(axis, int) else axis
-    out = []
     for a in axes:
         if not -ndim <= a < ndim:
             raise ValueError(
-                f"axis {a} is out of range for an array with {ndim} dimension(s)"
+                f"{name} {a} is out of range for an array with {ndim} dimension(s)"
                 f" (valid: {-ndim}..{ndim - 1})"
                 if ndim
-                else f"axis {a} is out of range for a 0-d array; use axis=None"
+                else f"{name} {a} is out of range for a 0-d array"
+                + ("; use axis=None" if name == "axis" else "")
             )
-        out.append(a % ndim)
+    out = sorted(a % ndim for a in axes)
     if len(set(out)) != len(out):
-        raise ValueError(f"axis={axis!r} names the same dimension twice for ndim={ndim}")
-    return tuple(sorted(out))
+        raise ValueError(f"{name}={axis!r} names the same dimension twice for ndim={ndim}")
+    return tuple(out)
