@@ -138,18 +138,6 @@ def collectives_of(jitted):
     return hlo_collectives(jitted.lower(in_p, in_s, g_sh[0]).compile().as_text())
 
 report["collectives"] = {"default": collectives_of(jitted)}
-# `project` orders big models' projections in groups of about GROUP_BYTES
-# (a memory optimisation); these small params fit one group, so force the
-# grouped code path as well: it must not move parameters either.
-import optax_constraints._transform as _transform
-if hasattr(_transform, "GROUP_BYTES"):
-    _transform.GROUP_BYTES = 1
-    jax.clear_caches()  # jit caches the trace per function: trace it again
-
-    def grouped_step(params, state, grads):
-        return step(params, state, grads)
-
-    report["collectives"]["grouped"] = collectives_of(jax.jit(grouped_step))
 report["param_shapes"] = {k: list(v[0]) for k, v in LEAVES.items()}
 report["shard_shapes"] = {k: list(p_sh[k].addressable_shards[0].data.shape) for k in LEAVES}
 # Per-device size of each norm array: the shard with its reduced axes set to 1.
@@ -206,23 +194,12 @@ def test_constraints_hold_on_the_sharded_result(report):
     assert f["box_abs_max"] <= 0.5
 
 
-@pytest.mark.parametrize("setting", ["default", "grouped"])
-def test_only_small_norm_reductions_travel(report, setting):
-    assert setting in report["collectives"], "the subprocess did not measure this setting"
-    collectives = report["collectives"][setting]
+def test_only_small_norm_reductions_travel(report):
+    collectives = report["collectives"]["default"]
     # Norms over a sharded axis need partial sums from the other devices.
     assert any(c["op"] == "all-reduce" for c in collectives), collectives
-    # Nothing is gathered or shuffled: only all-reduces, plus, when projections
-    # are ordered in groups, the few entries per leaf that the ordering reads
-    # (`_InGroups`: at most 8, moved by collective-permute).
-    ops = {c["op"] for c in collectives}
-    if setting == "default":
-        assert ops == {"all-reduce"}, collectives
-    else:
-        assert ops <= {"all-reduce", "collective-permute"}, collectives
-        for c in collectives:
-            if c["op"] == "collective-permute":
-                assert all(_size(s) <= 8 for s in c["shapes"]), c
+    # Nothing is gathered or shuffled: only all-reduces.
+    assert {c["op"] for c in collectives} == {"all-reduce"}, collectives
     # ... and only of norm-sized arrays (one number per unit on this device),
     # far smaller than the parameter shards they summarise.
     largest_norm = max(report["norm_shard_sizes"].values())
@@ -249,12 +226,8 @@ import numpy as np
 import jax, jax.numpy as jnp, optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import optax_constraints as oc
-import optax_constraints._transform as _transform
 from helpers import constraint_instances
 
-# Every leaf ordered, each its own group: the ordering's anchors are exercised
-# on leaves small enough to compile quickly.
-_transform.GROUP_BYTES, _transform.ORDERED_SIZE = 1, 1
 EXAMPLES = {
     "MaxNorm": [oc.MaxNorm(1.0, axis="fan_in")],
     "UnitNorm": [oc.UnitNorm(axis="fan_in")],

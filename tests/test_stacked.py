@@ -286,13 +286,13 @@ def test_stacked_nonneg_is_exact_after_apply_updates(dtype):
 @pytest.mark.parametrize("inner", [oc.NonNeg(), oc.Clip(-1.0, 1.0)], ids=repr)
 def test_wrapped_elementwise_constraints_keep_their_own_update_form(wrapper, inner):
     c = wrapper(inner)
-    assert c.has_update_form
+    assert c.elementwise
     p, u = _kernel((4, 5, 3)), _kernel((4, 5, 3), seed=1)
     new_u, _ = c.project_update(p, u, None, jnp.int32(0))
     own_u, _ = inner.project_update(p, u, None, jnp.int32(0))
     np.testing.assert_array_equal(np.asarray(new_u), np.asarray(own_u))
     for wrapped_norm in (oc.Stacked(oc.MaxNorm()), oc.OutputFirst(oc.Orthogonal())):
-        assert not wrapped_norm.has_update_form
+        assert not wrapped_norm.elementwise
 
 
 def test_stacked_nonneg_fuses_into_adams_last_pass():

@@ -4,8 +4,7 @@ The typical large-model layout: a scanned stack of layers whose parameters
 are split over devices by layer (`PartitionSpec("layers")`). Every copy then
 lives on one device, so `oc.Stacked` must project each copy where it is:
 the values of a per-copy loop of the unwrapped constraint on one device,
-same shardings out as in, and no gather of the stack (at most the few
-entries `project`'s ordering reads, `_InGroups`). Every built-in constraint
+same shardings out as in, and no gather of the stack. Every built-in constraint
 that loops (the power method, Newton-Schulz, the simplex and L1 thresholds)
 and a custom one with a loop are among the leaves.
 
@@ -303,8 +302,7 @@ def test_shardings_are_kept_and_every_device_holds_one_layer(report):
 
 def test_the_stack_is_not_gathered(report):
     for c in report["collectives"]:
-        # At most the ordering's few entries per leaf (`_InGroups`) travel,
-        # and the loops' "is any copy still iterating" flags.
+        # At most the loops' "is any copy still iterating" flags travel.
         assert c["op"] != "all-gather", c
         for shape in c["shapes"]:
             size = 1

@@ -196,12 +196,12 @@ def test_every_k_steps_projects_only_on_multiples_of_k():
 
 
 def test_every_k_steps_matches_projecting_every_step_on_due_steps_bit_for_bit():
-    # Large leaves (each under its own cond, ordered), small leaves (one cond
-    # together), NonNeg (a select) and a stateful constraint, all at once.
+    # Large and small leaves, NonNeg (its own update form) and a stateful
+    # constraint, all under the one cond.
     k = 2
     keys = iter(jax.random.split(jax.random.key(4), 64))
     params = {
-        "big": jax.random.normal(next(keys), (256, 320)),  # >= ORDERED_SIZE elements
+        "big": jax.random.normal(next(keys), (256, 320)),
         "big2": jax.random.normal(next(keys), (320, 256)),
         "small": jax.random.normal(next(keys), (16, 8)),
         "spec": jax.random.normal(next(keys), (12, 6)),
