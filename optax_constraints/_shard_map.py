@@ -62,28 +62,39 @@ def leaf_specs(params: PyTree, param_specs, routes: list[Route]) -> dict[int, Sp
     return {r.leaf.index: specs[r.leaf.index] for r in routes if r.constraint is not None}
 
 
-def on_leaf(r: Route, spec: Spec | None) -> C.Constraint:
-    """The constraint to run on the leaf of `r` as this trace sees it.
+def on_leaf(r: Route, spec: Spec | None) -> tuple[C.Constraint, tuple[str, ...]]:
+    """The constraint to run on the leaf of `r` as this trace sees it, and the
+    mesh axes that split the leaf here (a violation's maximum is taken over them).
 
-    With a spec that splits the leaf: the constraint's `on_shards` form, or
-    the gathered one. Without: the constraint itself, after checking that the
-    leaf is not a local block (it varies over manual mesh axes) that a
-    non-elementwise constraint would silently project on its own.
+    Inside `shard_map`, with a spec that splits the leaf: the constraint's
+    `on_shards` form, or the gathered one. Otherwise the constraint itself
+    (outside `shard_map` a spec changes nothing: `init` runs on the global
+    params), after checking that the leaf is not a local block (it varies
+    over manual mesh axes) that a non-elementwise constraint would silently
+    project on its own.
     """
     c = r.constraint
     assert c is not None
-    if spec is None or not any(spec):
-        vma = _varying_axes(r.leaf.value) if spec is None else None
-        if vma and not c.elementwise:
-            shape = tuple(r.leaf.value.shape)
-            raise ValueError(
-                f"{c!r} on the parameter at '{r.leaf.path_str}' (local shape {shape}) runs"
-                f" inside jax.shard_map, where this leaf varies over the mesh axes"
-                f" {sorted(vma)}: it is a local block, and the constraint would be computed"
-                f" on that block alone, silently wrong. Fix: {FIX}."
-            )
-        return c
-    return c.on_shards(spec) or _Gathered(c, spec)
+    split = tuple(name for entry in spec or () for name in entry)
+    if split and set(split) <= _manual_axes(r.leaf.value):
+        assert spec is not None
+        return c.on_shards(spec) or _Gathered(c, spec), split
+    vma = _varying_axes(r.leaf.value) if spec is None else None
+    if vma and not c.elementwise:
+        shape = tuple(r.leaf.value.shape)
+        raise ValueError(
+            f"{c!r} on the parameter at '{r.leaf.path_str}' (local shape {shape}) runs"
+            f" inside jax.shard_map, where this leaf varies over the mesh axes"
+            f" {sorted(vma)}: it is a local block, and the constraint would be computed"
+            f" on that block alone, silently wrong. Fix: {FIX}."
+        )
+    return c, ()
+
+
+def _manual_axes(x) -> frozenset[str]:
+    """The mesh axes that are manual where `x` is traced (inside `shard_map`)."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    return frozenset(getattr(mesh, "manual_axes", ()))
 
 
 def _varying_axes(x) -> frozenset[str]:
@@ -95,11 +106,6 @@ def _varying_axes(x) -> frozenset[str]:
 
 def _size(names: tuple[str, ...]) -> int:
     return math.prod(jax.lax.axis_size(n) for n in names)
-
-
-def split_axes(spec: Spec | None) -> tuple[str, ...]:
-    """Every mesh axis that splits the leaf (the axes to reduce a violation over)."""
-    return tuple(name for entry in spec or () for name in entry)
 
 
 class _Gathered(C.Constraint):
@@ -125,7 +131,7 @@ class _Gathered(C.Constraint):
             shape[axis] *= _size(names)
             start.append(jax.lax.axis_index(names) * x.shape[axis] if names else 0)
         whole = jax.lax.dynamic_update_slice(jnp.zeros(shape, x.dtype), x, start)
-        return jax.lax.psum(whole, split_axes(self.spec))
+        return jax.lax.psum(whole, tuple(n for names in self.spec for n in names))
 
     def _block(self, x, like):
         for axis, names in enumerate(self.spec):

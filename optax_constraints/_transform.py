@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_constraints._routing import Constraints, normalize, route
-from optax_constraints._shard_map import leaf_specs, on_leaf, split_axes
+from optax_constraints._shard_map import leaf_specs, on_leaf
 from optax_constraints.projections import compute_dtype
 
 PyTree = Any
@@ -160,11 +160,7 @@ def _plan(params, mapping, labels, param_specs, *, check: bool):
     """`(route, constraint as this trace runs it, split mesh axes)` per constrained leaf."""
     routes = route(params, mapping, labels, check=check)
     specs = leaf_specs(params, param_specs, routes)
-    return [
-        (r, on_leaf(r, specs.get(r.leaf.index)), split_axes(specs.get(r.leaf.index)))
-        for r in routes
-        if r.constraint is not None
-    ]
+    return [(r, *on_leaf(r, specs.get(r.leaf.index))) for r in routes if r.constraint is not None]
 
 
 def project_states(state: PyTree) -> dict[str, PyTree]:
