@@ -146,6 +146,26 @@ class Constraint:
         """
         return type(self).project_update is not Constraint.project_update
 
+    def tangent(self, w: jax.Array, u: jax.Array) -> jax.Array:
+        """The update `u` moved into the tangent space of this constraint's set at `w`.
+
+        `oc.tangent` calls it for every constrained leaf: `w` is the
+        (feasible) parameter, `u` its update, and the result the projection
+        of `u` onto the tangent space of the set at `w` (the tangent cone
+        for sets with an interior: `u` inside, its outward part removed on
+        the boundary), in `u`'s dtype. Not defined by default: the base
+        raises `NotImplementedError`, and `oc.tangent`'s `init` names each
+        leaf whose constraint lacks it.
+
+        >>> import jax.numpy as jnp
+        >>> import optax_constraints as oc
+        >>> oc.UnitNorm().tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
+        Array([[0.],
+               [3.]], dtype=float32)
+        """
+        del w, u
+        raise NotImplementedError(f"{self!r} defines no tangent space (Constraint.tangent)")
+
     def on_leaf_axes(self, axes: tuple[int, ...], ndim: int) -> Constraint | None:
         """This constraint on a sub-array, written as a constraint on the whole leaf.
 

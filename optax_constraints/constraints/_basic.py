@@ -105,6 +105,11 @@ class MaxNorm(_AxisConstraint):
         excess = P.unit_norms(_float(w), c.axis) - c.max_value
         return jnp.max(jnp.maximum(excess, 0), initial=0.0)
 
+    def tangent(self, w, u):
+        """The tangent cone of the ball: on the boundary, the outward radial part removed."""
+        c = self.at_step(0)
+        return P.ball_tangent(w, u, c.max_value, c.axis)
+
 
 class MinMaxNorm(_AxisConstraint):
     """Keeps the norm of each unit in `[min_value, max_value]`.
@@ -190,6 +195,10 @@ class UnitNorm(_AxisConstraint):
     def get_config(self):
         return {"axis": _config_axis(self.axis)}
 
+    def tangent(self, w, u):
+        """Per unit, `u - <u, w> w / ‖w‖²` (a zero unit's update unchanged)."""
+        return P.sphere_tangent(w, u, self.axis)
+
 
 class NonNeg(Constraint):
     """Constrains the weights to be non-negative: `maximum(w, 0)`.
@@ -215,6 +224,10 @@ class NonNeg(Constraint):
     def violation(self, w):
         w = _float(w)
         return jnp.maximum(-jnp.min(w, initial=0), 0)
+
+    def tangent(self, w, u):
+        """Where `w <= 0`, a negative update component is dropped."""
+        return P.box_tangent(w, u, 0.0)
 
     def on_leaf_axes(self, axes, ndim):
         return self  # elementwise: the layout does not matter
@@ -263,6 +276,11 @@ class Clip(Constraint):
     def get_config(self):
         return {"min_value": self.min_value, "max_value": self.max_value}
 
+    def tangent(self, w, u):
+        """At a bound, the update component pointing out of the box is dropped."""
+        c = self.at_step(0)
+        return P.box_tangent(w, u, c.min_value, c.max_value)
+
     def on_leaf_axes(self, axes, ndim):
         return self  # elementwise: the layout does not matter
 
@@ -291,6 +309,10 @@ class CenterAround(Constraint):
 
     def get_config(self):
         return {"ref_value": self.ref_value}
+
+    def tangent(self, w, u):
+        """The sum-zero plane: `u - mean(u)` over the whole leaf."""
+        return P.sum_zero_tangent(w, u, None)
 
 
 max_norm = MaxNorm
