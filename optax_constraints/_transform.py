@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_constraints._project_state import constraint_states, leaf_violation, project_leaf
 from optax_constraints._routing import Constraints, Route, normalize, route
 from optax_constraints.constraints._base import update_and_target
 from optax_constraints.projections import compute_dtype
@@ -287,6 +288,7 @@ def apply_constraints(
     param_labels: PyTree | None = None,
     *,
     step: int | jax.Array | None = None,
+    state: PyTree | None = None,
 ) -> PyTree:
     """Projects a parameter tree directly: each constrained leaf `w` -> `C(w)`.
 
@@ -303,6 +305,10 @@ def apply_constraints(
         (`constraint.at_step(step)`); default 0, the schedule's start. After
         loading a checkpoint, pass the optimizer's step (e.g.
         `ProjectState.count`) to project onto the bound training had reached.
+      state: the optimizer state (or the `oc.ProjectState` in it), for
+        constraints whose set lives in `project`'s state (`oc.Sphere("init")`:
+        the per-unit norms at `init`); without it they raise `ValueError`
+        naming the leaf.
 
     >>> import jax.numpy as jnp
     >>> import optax
@@ -316,6 +322,7 @@ def apply_constraints(
     """
     routes = _routes(params, constraints, param_labels)
     step = 0 if step is None else step
+    states = None if state is None else constraint_states(state)
     flat, treedef = jax.tree.flatten(params)
     # bfloat16/float16 leaves project through float32 temporaries: those are
     # ordered in groups like `project`'s (81 MB -> 9 MB of temporaries on the
@@ -327,7 +334,8 @@ def apply_constraints(
             w = flat[r.leaf.index]
             low = compute_dtype(w.dtype) != w.dtype
             c = r.constraint.at_step(step)
-            out = c(order.after_previous_group(w) if low else w).astype(w.dtype)
+            out = project_leaf(r, c, order.after_previous_group(w) if low else w, states, step)
+            out = out.astype(w.dtype)
             if low:
                 order.add(out)
             flat[r.leaf.index] = out
@@ -340,6 +348,7 @@ def constraint_violations(
     param_labels: PyTree | None = None,
     *,
     step: int | jax.Array | None = None,
+    state: PyTree | None = None,
 ) -> dict[Hashable, jax.Array]:
     """Per label, the largest violation over its leaves (0 when feasible).
 
@@ -357,6 +366,8 @@ def constraint_violations(
         default 0, the schedule's start. While training, pass the
         optimizer's step count (the value `project` used on the last update
         is `ProjectState.count - 1`).
+      state: as for `apply_constraints`; a constraint that needs it is
+        measured as `max |w - C(w)|`, `C` applied with its state.
 
     >>> import jax.numpy as jnp
     >>> import optax
@@ -372,12 +383,13 @@ def constraint_violations(
     (0.0, 4.0)
     """
     step = 0 if step is None else step
+    states = None if state is None else constraint_states(state)
     out: dict[Hashable, jax.Array] = {}
     for r in _routes(params, constraints, param_labels):
         if r.constraint is None:
             continue
         w = r.leaf.value
-        v = r.constraint.at_step(step).violation(w)
+        v = leaf_violation(r, r.constraint.at_step(step), w, states, step)
         v = jnp.asarray(v, compute_dtype(getattr(w, "dtype", jnp.float32)))
         out[r.label] = jnp.maximum(out[r.label], v) if r.label in out else v
     return dict(sorted(out.items(), key=lambda kv: repr(kv[0])))
