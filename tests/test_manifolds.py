@@ -433,3 +433,12 @@ def test_sphere_routing_report_and_registry():
     for c in (oc.Sphere(2.0, axis=[0, 1]), oc.Sphere("init"), oc.Stacked(oc.Sphere("init"))):
         assert oc.deserialize(oc.serialize(c)) == c and hash(oc.get(oc.serialize(c))) == hash(c)
     assert isinstance(oc.get("sphere"), oc.Sphere)
+
+
+def test_manifold_benchmark_runs_at_its_quick_size():
+    from benchmarks import manifold
+
+    report = manifold.main(["--quick", "--reps", "2"])
+    names = {"adam_project", "adam_tangent_project", "hand_ngpt"}
+    assert {f"{n} / adam" for n in names} <= set(report["ratios"])
+    assert all(r["cpu"]["median"] > 0 for r in report["ratios"].values())
