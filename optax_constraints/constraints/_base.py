@@ -16,6 +16,8 @@ Three more describe a constraint to wrappers such as `Stacked` and to the
 routing report: `has_update_form` (does `project_update` have its own form),
 `on_leaf_axes(axes, ndim)` (the same constraint on another layout, if it can
 be written as one) and `describe_leaf(shape)` (how it sees a leaf).
+One more, `tangent(w, u)`, moves an update into the set's tangent space
+for `oc.tangent` (not defined by default).
 """
 
 from __future__ import annotations
