@@ -336,6 +336,15 @@ def test_sphere_zero_unit_stays_zero_with_finite_gradient():
     np.testing.assert_array_equal(_np(g)[:, 0], [0.0, 0.0])
 
 
+def test_sphere_and_its_tangent_leave_a_nan_unit_nan():
+    # Nothing is repaired silently (docs/nonfinite.md): a NaN unit shows it.
+    w = jnp.array([[jnp.nan, 3.0], [1.0, 4.0]])
+    out = _np(oc.Sphere()(w))
+    assert np.isnan(out[:, 0]).all() and np.isfinite(out[:, 1]).all()
+    v = _np(oc.Sphere().tangent(w, jnp.ones((2, 2))))
+    assert np.isnan(v[:, 0]).all() and np.isfinite(v[:, 1]).all()
+
+
 def test_sphere_radius_array_and_schedule():
     w = _normal((6, 3), 0)
     radius = jnp.array([[1.0, 2.0, 3.0]])

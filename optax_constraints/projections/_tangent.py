@@ -47,8 +47,8 @@ def _radial(w, u, axes):
 
 
 def _safe_ratio(num, den):
-    nonzero = den > 0
-    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+    zero = den == 0  # a NaN stays NaN
+    return jnp.where(zero, 0, num / jnp.where(zero, 1, den))
 
 
 @_in_compute_dtype
