@@ -327,6 +327,19 @@ def test_sphere_is_the_exact_projection(shape, axis, radius):
     assert_close_ulps(_unit_norms(out, axis), np.full_like(n, radius), k)
 
 
+def test_sphere_is_the_nearest_point_on_the_sphere():
+    # ‖w - C(w)‖ <= ‖w - s‖ for every s on the sphere (per unit), checked
+    # against many random points of the sphere, in float64 after the fact.
+    w = _normal((5, 3), 0)
+    out = _np(oc.Sphere(2.0)(w))
+    w64 = _np(w)
+    best = np.linalg.norm(w64 - out, axis=0)
+    s = np.random.default_rng(3).normal(size=(1000, 5, 3))
+    s = 2.0 * s / np.linalg.norm(s, axis=1, keepdims=True)
+    others = np.linalg.norm(w64 - s, axis=1)
+    assert np.all(best <= others.min(axis=0) + ulps(np.linalg.norm(w64, axis=0), 8))
+
+
 def test_sphere_zero_unit_stays_zero_with_finite_gradient():
     w = jnp.array([[0.0, 3.0], [0.0, 4.0]])
     out = oc.Sphere(2.0)(w)
