@@ -231,6 +231,21 @@ def test_max_norm_tangent_cone():
     np.testing.assert_array_equal(_np(_tangent(c, w, -out_and_in)), -_np(out_and_in))
 
 
+def test_min_max_norm_tangent_cone_of_the_shell():
+    c = oc.MinMaxNorm(1.0, 2.0)
+    # Unit norms 1 (inner sphere), 2 (outer sphere), 1.5 (inside).
+    w = c(jnp.array([[0.6, 1.2, 0.9], [0.8, 1.6, 1.2]]))
+    radial = _np(w) / np.linalg.norm(_np(w), axis=0)
+    for sign in (1.0, -1.0):
+        v = _np(_tangent(c, w, jnp.asarray(sign * radial, jnp.float32)))
+        blocked = [sign < 0, sign > 0, False]  # inward at the inner, outward at the outer
+        for k in range(3):
+            if blocked[k]:
+                np.testing.assert_allclose(v[:, k], 0.0, atol=ulps(1.0, 8))
+            else:
+                np.testing.assert_allclose(v[:, k], sign * radial[:, k], atol=ulps(1.0, 2))
+
+
 def test_non_neg_and_clip_tangent_cones():
     w = jnp.array([0.0, 0.0, 0.5, 1.0, 1.0])
     u = jnp.array([-1.0, 2.0, -3.0, 4.0, -5.0])
