@@ -479,3 +479,87 @@ def test_manifold_benchmark_runs_at_its_quick_size():
     names = {"adam_project", "adam_tangent_project", "hand_ngpt"}
     assert {f"{n} / adam" for n in names} <= set(report["ratios"])
     assert all(r["cpu"]["median"] > 0 for r in report["ratios"].values())
+
+
+# --- every constraint with a tangent: the shared properties -----------------------
+
+NO_TANGENT = (oc.L1Ball, oc.SpectralNorm)
+"""Classes without a tangent hook (`oc.tangent` rejects them at `init`)."""
+
+TANGENT_EXAMPLES = {
+    "MinMaxNorm": [oc.MinMaxNorm(0.5, 1.0, axis="fan_in")],
+    "Sphere": [oc.Sphere(2.0, axis="fan_in"), oc.Sphere(axis=None)],
+    "Clip": [oc.Clip(-0.5, 0.5)],
+}
+
+
+def _with_tangent():
+    from helpers import constraint_instances
+
+    return [
+        c
+        for c in constraint_instances(TANGENT_EXAMPLES)
+        if not isinstance(c, NO_TANGENT)
+        and not (
+            isinstance(c, oc.Stacked | oc.OutputFirst) and isinstance(c.constraint, NO_TANGENT)
+        )
+    ]
+
+
+def test_which_constraints_have_a_tangent():
+    from helpers import exported_constraint_classes
+
+    w = jnp.ones((4, 3))
+    for cls in exported_constraint_classes():
+        if cls in NO_TANGENT:
+            with pytest.raises(NotImplementedError):
+                cls().tangent(w, w)
+        else:
+            assert cls().tangent(w, w).shape == w.shape
+
+
+@pytest.mark.parametrize("constraint", _with_tangent(), ids=repr)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_tangent_properties(constraint, dtype):
+    shape = (6, 4)
+    w = constraint(_normal(shape, 0, dtype) * 2.0 + 0.5)  # feasible, some units on bounds
+    u = _normal(shape, 1, dtype)
+    v = _tangent(constraint, w, u)
+    assert v.shape == shape and v.dtype == dtype
+    v64, u64 = _np(v), _np(u)
+    eps = float(jnp.finfo(dtype).eps)
+    scale = np.max(np.abs(u64))
+    # jit equals eager (up to float32 rounding in a different fusion).
+    np.testing.assert_allclose(
+        _np(jax.jit(constraint.tangent)(w, u)), v64, rtol=0, atol=eps * scale * 8
+    )
+    # A projection (onto a subspace or a cone): applying it again changes nothing.
+    again = _np(_tangent(constraint, w, v))
+    np.testing.assert_allclose(again, v64, rtol=0, atol=ulps(scale, 64) + eps * scale)
+    # It never lengthens the update.
+    assert np.linalg.norm(v64) <= np.linalg.norm(u64) * (1 + 64 * EPS32) + eps * scale
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [c for c in _with_tangent() if not isinstance(c, oc.Simplex)],
+    ids=repr,
+)
+def test_a_step_along_the_tangent_leaves_the_set_only_to_second_order(constraint):
+    # dist(w + t v, set) = O(t²) for a tangent vector v (first order for a
+    # generic u). Simplex is left out: its tangent is the sum-zero plane, and
+    # its non-negativity faces are left to the projection.
+    w = constraint(_normal((6, 4), 0) * 2.0 + 0.5)
+    v = _tangent(constraint, w, _normal((6, 4), 1))
+
+    def distance(t):
+        moved = w + t * v
+        return np.linalg.norm(_np(constraint(moved)) - _np(moved))
+
+    t = 0.05
+    # Halving t divides a second-order distance by 4; 2.5 leaves room for the
+    # third-order terms. Below the floor (rounding of w + t v and of C) the
+    # distance is noise.
+    floor = ulps(np.linalg.norm(_np(w)), 64)
+    assert distance(t / 2) <= distance(t) / 2.5 + floor
+    assert distance(t) <= 10 * t**2 * np.linalg.norm(_np(v)) ** 2 + floor
