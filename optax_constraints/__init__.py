@@ -7,8 +7,8 @@ Layers, each importing only the ones above it:
    the registry (`get`, `serialize`, `deserialize`, `register`).
 3. labels -- which leaf gets which constraint (`label_by_path`, routing,
    and `declared`: constraints declared on NNX/Linen/Keras parameters).
-4. transform -- `project` (an `optax.GradientTransformation`) and
-   `apply_constraints`.
+4. transform -- `project` (an `optax.GradientTransformation`),
+   `apply_constraints`, and `tangent` (updates onto the sets' tangent spaces).
 
 >>> import jax.numpy as jnp, optax
 >>> import optax_constraints as oc
@@ -25,6 +25,8 @@ from optax_constraints._declared import with_constraint as with_constraint
 from optax_constraints._labels import glob_match as glob_match
 from optax_constraints._labels import label_by_path as label_by_path
 from optax_constraints._routing import routing_report as routing_report
+from optax_constraints._tangent import TangentState as TangentState
+from optax_constraints._tangent import tangent as tangent
 from optax_constraints._transform import NO_PARAMS_MSG as NO_PARAMS_MSG
 from optax_constraints._transform import ProjectState as ProjectState
 from optax_constraints._transform import apply_constraints as apply_constraints
@@ -42,6 +44,7 @@ from optax_constraints.constraints import Orthogonal as Orthogonal
 from optax_constraints.constraints import OutputFirst as OutputFirst
 from optax_constraints.constraints import Simplex as Simplex
 from optax_constraints.constraints import SpectralNorm as SpectralNorm
+from optax_constraints.constraints import Sphere as Sphere
 from optax_constraints.constraints import Stacked as Stacked
 from optax_constraints.constraints import UnitNorm as UnitNorm
 from optax_constraints.constraints import deserialize as deserialize

@@ -140,6 +140,9 @@ class _Gathered(C.Constraint):
                 x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(names) * n, n, axis)
         return x
 
+    def at_step(self, step):
+        return _Gathered(self.constraint.at_step(step), self.spec)
+
     def __call__(self, w):
         return self._block(self.constraint(self._gather(w)), w)
 
@@ -152,3 +155,6 @@ class _Gathered(C.Constraint):
 
     def violation(self, w):
         return self.constraint.violation(self._gather(w))
+
+    def tangent(self, w, u):
+        return self._block(self.constraint.tangent(self._gather(w), self._gather(u)), u)

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_constraints._routing import Constraints, normalize, route
+from optax_constraints._routing import Constraints, Route, normalize, route
 from optax_constraints._shard_map import leaf_specs, on_leaf
+from optax_constraints.constraints._sphere import MissingStateError
 from optax_constraints.projections import compute_dtype
 
 PyTree = Any
@@ -164,13 +165,17 @@ def _plan(params, mapping, labels, param_specs, *, check: bool):
 
 
 def project_states(state: PyTree) -> dict[str, PyTree]:
-    """The per-leaf constraint states in an optimizer state (every `ProjectState` in it).
+    """The per-leaf constraint states in an optimizer state, keyed by leaf path.
+
+    `state` is the state of an optimizer that contains `oc.project(...)`
+    (anywhere in a chain, `multi_transform`, `inject_hyperparams`, ...) or
+    that `ProjectState` itself; several `ProjectState`s are merged.
 
     >>> import jax.numpy as jnp, optax
     >>> import optax_constraints as oc
-    >>> tx = optax.chain(optax.sgd(0.1), oc.project(oc.SpectralNorm(1.0)))
-    >>> list(project_states(tx.init({"w": jnp.ones((3, 2))})))
-    ['w']
+    >>> tx = optax.chain(optax.sgd(0.1), oc.project(oc.Sphere("init")))
+    >>> project_states(tx.init({"w": jnp.ones((2, 3))}))["w"].shape  # one norm per unit
+    (1, 3)
     """
     found = [
         x
@@ -179,10 +184,25 @@ def project_states(state: PyTree) -> dict[str, PyTree]:
     ]
     if not found:
         raise ValueError(
-            "state= holds no oc.ProjectState: pass the optimizer state that oc.project's"
-            " init made (or the ProjectState in it)."
+            f"state= has no oc.ProjectState in it (got {type(state).__name__}): pass the"
+            " state of an optimizer that contains oc.project(...) (the opt_state its init"
+            " returned and update keeps returning), or the ProjectState itself."
         )
     return {k: v for s in found for k, v in s.constraint_states.items()}
+
+
+def _state(r: Route, states: dict | None, err: Exception) -> PyTree:
+    """The leaf's state for a constraint that raised `err` without it."""
+    if states is None or r.leaf.path_str not in states:
+        where = f"the parameter at '{r.leaf.path_str}' (shape {tuple(jnp.shape(r.leaf.value))})"
+        more = (
+            ""
+            if states is None
+            else ": the state passed has no entry for this leaf; pass the state of the"
+            " optimizer whose oc.project(...) constrains it"
+        )
+        raise ValueError(f"{err} [{where}]{more}.") from None
+    return states[r.leaf.path_str]
 
 
 def apply_constraints(
@@ -199,7 +219,8 @@ def apply_constraints(
     Use it once on freshly initialised parameters so training starts
     feasible, or after loading a checkpoint. Low-precision leaves are projected
     in float32 and rounded once. Stateful constraints use their exact form
-    (`__call__`), or with `state=` the state `project` keeps for the leaf.
+    (`__call__`); one whose set lives in `project`'s state
+    (`Sphere("init")`) uses the leaf's state from `state=`.
 
     Args:
       params: the parameter pytree.
@@ -209,8 +230,10 @@ def apply_constraints(
         (`constraint.at_step(step)`); default 0, the schedule's start. After
         loading a checkpoint, pass the optimizer's step (e.g.
         `ProjectState.count`) to project onto the bound training had reached.
-      state: the optimizer state (or the `ProjectState` in it), for
-        constraints that need theirs (`Sphere(radius="init")`).
+      state: the optimizer state (or the `oc.ProjectState` in it), for
+        constraints whose set lives in `project`'s state (`oc.Sphere("init")`:
+        the per-unit norms at `init`); without it they raise `ValueError`
+        naming the leaf.
       param_specs: inside `jax.shard_map`, as for `project`.
 
     >>> import jax.numpy as jnp
@@ -225,14 +248,14 @@ def apply_constraints(
     """
     mapping, labels = normalize(constraints, param_labels)
     step = 0 if step is None else step
-    states = {} if state is None else project_states(state)
+    states = None if state is None else project_states(state)
     flat, treedef = jax.tree.flatten(params)
     for r, c, _ in _plan(params, mapping, labels, param_specs, check=True):
         w = flat[r.leaf.index]
-        if r.leaf.path_str in states:
-            out, _ = c.apply(w.astype(compute_dtype(w.dtype)), states[r.leaf.path_str], step)
-        else:
+        try:
             out = c.at_step(step)(w)
+        except MissingStateError as err:
+            out, _ = c.apply(w.astype(compute_dtype(w.dtype)), _state(r, states, err), step)
         flat[r.leaf.index] = out.astype(w.dtype)
     return jax.tree.unflatten(treedef, flat)
 
@@ -250,8 +273,8 @@ def constraint_violations(
 
     Pure and jittable: cheap enough to log every step. The measure is each
     constraint's `violation(w)`: the norm excess for `MaxNorm`, the most
-    negative entry for `NonNeg`, `max |w - C(w)|` by default (and for a leaf
-    whose state `state=` holds: `max |w - apply(w, state)|`). It is computed
+    negative entry for `NonNeg`, `max |w - C(w)|` by default (with `C` applied
+    with the leaf's state for `Sphere("init")`). It is computed
     in the leaf's compute dtype (float32 for float32 and lower precision,
     float64 for float64 leaves under `jax_enable_x64`). Inside
     `jax.shard_map` with `param_specs`, it is the global maximum, the same on
@@ -265,8 +288,7 @@ def constraint_violations(
         default 0, the schedule's start. While training, pass the
         optimizer's step count (the value `project` used on the last update
         is `ProjectState.count - 1`).
-      state: the optimizer state (or the `ProjectState` in it), for
-        constraints that need theirs (`Sphere(radius="init")`).
+      state: as for `apply_constraints`.
       param_specs: inside `jax.shard_map`, as for `project`.
 
     >>> import jax.numpy as jnp
@@ -284,16 +306,16 @@ def constraint_violations(
     """
     mapping, labels = normalize(constraints, param_labels)
     step = 0 if step is None else step
-    states = {} if state is None else project_states(state)
+    states = None if state is None else project_states(state)
     out: dict[Hashable, jax.Array] = {}
     for r, c, split in _plan(params, mapping, labels, param_specs, check=True):
         w = jnp.asarray(r.leaf.value)
         w = w.astype(compute_dtype(w.dtype))
-        if r.leaf.path_str in states:
-            projected, _ = c.apply(w, states[r.leaf.path_str], step)
-            v = jnp.max(jnp.abs(projected - w), initial=0.0)
-        else:
+        try:
             v = jnp.asarray(c.at_step(step).violation(w), w.dtype)
+        except MissingStateError as err:
+            projected, _ = c.apply(w, _state(r, states, err), step)
+            v = jnp.max(jnp.abs(projected - w), initial=0.0)
         if split:
             v = jax.lax.pmax(v, split)
         out[r.label] = jnp.maximum(out[r.label], v) if r.label in out else v

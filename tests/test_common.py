@@ -81,6 +81,10 @@ def unit_norm_gap(axis):
     return lambda w: np.max(np.abs(_norms(w, axis) - 1))
 
 
+def sphere_gap(r, axis):
+    return lambda w: np.max(np.abs(_norms(w, axis) - r)) / r
+
+
 def negative_part(w):
     return max(-np.min(w), 0.0)
 
@@ -129,6 +133,10 @@ def per_row_norm_excess(m):
     )
 
 
+def per_row_sphere_gap(r):
+    return lambda w: np.max(np.abs(np.sqrt(np.sum(w * w, axis=tuple(range(1, w.ndim)))) - r)) / r
+
+
 def output_first(residual):
     return lambda w: residual(np.moveaxis(w, 0, -1))
 
@@ -155,6 +163,9 @@ CASES = [
     Case(oc.MaxNorm(2.0, axis=(0, -1)), norm_excess(2.0, (0, -1))),
     Case(oc.MinMaxNorm(0.5, 1.0), norm_interval(0.5, 1.0, 0)),
     Case(oc.UnitNorm(axis=-1), unit_norm_gap(-1)),
+    Case(oc.Sphere(1.5), sphere_gap(1.5, 0)),
+    Case(oc.Sphere(0.5, axis="fan_in"), sphere_gap(0.5, "fan_in")),
+    Case(oc.Sphere(2.0, axis=None), sphere_gap(2.0, None)),
     Case(oc.NonNeg(), negative_part, exact=True),
     Case(oc.Clip(-0.5, 0.5), box_excess(-0.5, 0.5), exact=True),
     Case(oc.CenterAround(0.3), mean_gap(0.3)),
@@ -169,6 +180,7 @@ CASES = [
     Case(oc.Orthogonal(method="newton_schulz"), orthogonality_gap),
     Case(oc.Stacked(oc.MaxNorm(1.0, axis=None)), per_row_norm_excess(1.0)),
     Case(oc.Stacked(oc.NonNeg(), stack_axis=-1), negative_part, exact=True),
+    Case(oc.Stacked(oc.Sphere(1.0, axis=None)), per_row_sphere_gap(1.0)),
     Case(oc.OutputFirst(oc.MaxNorm(1.5, axis="fan_in")), per_row_norm_excess(1.5)),
     Case(oc.OutputFirst(oc.SpectralNorm(1.0, method="svd")), output_first(spectral_excess(1.0))),
     Case(oc.OutputFirst(oc.Orthogonal()), output_first(orthogonality_gap)),

@@ -40,6 +40,7 @@ EXAMPLES = {
     "UnitNorm": [oc.UnitNorm(axis=0), oc.UnitNorm(axis=None)],
     "Clip": [oc.Clip(-0.5, 0.5)],
     "CenterAround": [oc.CenterAround(0.25)],
+    "Sphere": [oc.Sphere(2.0, axis=0)],
 }
 
 

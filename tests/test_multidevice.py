@@ -237,6 +237,7 @@ EXAMPLES = {
     "Clip": [oc.Clip(-0.5, 0.5)],
     "CenterAround": [oc.CenterAround(0.5)],
     "SpectralNorm": [oc.SpectralNorm(1.0), oc.SpectralNorm(1.0, method="svd")],
+    "Sphere": [oc.Sphere(2.0, axis="fan_in")],
 }
 CONSTRAINTS = constraint_instances(EXAMPLES)
 SPECS = {  # the conv kernel, a dense kernel, one free leaf

@@ -81,6 +81,7 @@ ARGUMENTS = {
     "min_value": NONNEG,
     "rate": st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.0, 1.0),
     "scale": POSITIVE,
+    "radius": POSITIVE,
     "ref_value": REAL,
 }
 
@@ -351,6 +352,33 @@ def _check_keras_norm(case, w, out):
     assert np.all(n_out >= lower * shrink * (1 - r) - a), (n_out.min(), lower)
 
 
+def _check_sphere(case, w, out):
+    """On the sphere, along `w`, where float32 measures the unit's norm exactly.
+
+    The norm is Keras's `sqrt(sum(w * w))` in float32: a unit whose squares
+    are flushed to zero (below float32's smallest normal) is measured short
+    (or as zero), one whose sum of squares overflows is measured as `inf`;
+    those units are only required to be finite (all-zero ones to stay zero).
+    """
+    axes = unit_axes(case.axis, w.ndim)
+    radius = case.kwargs["radius"]
+    tiny, big = float(jnp.finfo(F32).tiny), float(jnp.finfo(F32).max)
+    n = norms(w, axes)
+    smallest_square = np.min(np.where(w == 0, np.inf, w * w), axis=axes, keepdims=True)
+    measured = (n > 0) & (smallest_square >= tiny) & (n * n <= big / 4)
+    assert np.all(np.isfinite(out))
+    assert np.all(out[np.broadcast_to(n == 0, w.shape)] == 0), "an all-zero unit must stay zero"
+    r, a = rtol(case.dtype, w.size), atol(case.dtype, w.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = np.where(measured, w * (radius / n), 0.0)
+    where = np.broadcast_to(measured, w.shape)
+    np.testing.assert_array_less(
+        np.abs(out - expected)[where], (r * np.abs(expected) + a + 1e-300)[where]
+    )
+    n_out = norms(out, axes)[measured]
+    assert np.all(np.abs(n_out - radius) <= r * radius + a), (n_out, radius)
+
+
 def _check_non_neg(case, w, out):
     a = atol(case.dtype, 1)
     assert not np.any(np.signbit(out)), "NonNeg output has a negative entry or -0.0"
@@ -434,6 +462,7 @@ FEASIBLE = {
     "Simplex": _check_simplex,
     "SpectralNorm": _check_spectral_norm,
     "Orthogonal": _check_orthogonal,
+    "Sphere": _check_sphere,
 }
 
 

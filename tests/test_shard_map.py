@@ -79,6 +79,11 @@ for name, (c, shape) in CASES.items():
     ref_p = optax.apply_updates(params, ref_u)
     ref_v = oc.constraint_violations(ref_p, c)["__all__"]
     ref_a = oc.apply_constraints(params, c)["w"]
+    try:  # the tangent map, for constraints that define one
+        t_state = oc.tangent(c).init(params)
+        ref_t = jax.jit(oc.tangent(c).update)(grads, t_state, params)[0]["w"]
+    except ValueError:
+        t_state = ref_t = None
     for mesh_name, (mesh, specs) in MESHES.items():
         for spec in specs:
             spec = spec_for(shape, spec)
@@ -90,16 +95,17 @@ for name, (c, shape) in CASES.items():
                 new = optax.apply_updates(p, u)
                 v = oc.constraint_violations(new, c, param_specs=pspec)["__all__"]
                 a = oc.apply_constraints(p, c, param_specs=pspec)
-                return new, s, v, a
+                t = g if ref_t is None else oc.tangent(c, param_specs=pspec).update(g, t_state, p)[0]
+                return new, s, v, a, t
 
             run = jax.jit(jax.shard_map(
                 step, mesh=mesh, in_specs=(pspec, sspec, pspec),
-                out_specs=(pspec, sspec, P(), pspec),
+                out_specs=(pspec, sspec, P(), pspec, pspec),
             ))
             put = lambda tree, specs: jax.device_put(
                 tree, jax.tree.map(lambda s: jax.NamedSharding(mesh, s), specs)
             )
-            new, new_state, v, a = run(put(grads, pspec), put(state, sspec), put(params, pspec))
+            new, new_state, v, a, t = run(put(grads, pspec), put(state, sspec), put(params, pspec))
             report[f"{name}/{mesh_name}/{spec}"] = {
                 "n": int(np.prod(shape)),
                 "err": float(np.max(np.abs(np.asarray(new["w"]) - np.asarray(ref_p["w"])))),
@@ -107,6 +113,10 @@ for name, (c, shape) in CASES.items():
                 "err_apply": float(np.max(np.abs(np.asarray(a["w"]) - np.asarray(ref_a)))),
                 "scale_apply": float(np.max(np.abs(np.asarray(ref_a)))),
                 "v": float(v), "ref_v": float(ref_v),
+                "err_tangent": None if ref_t is None else float(
+                    np.max(np.abs(np.asarray(t["w"]) - np.asarray(ref_t)))),
+                "scale_tangent": None if ref_t is None else float(
+                    np.max(np.abs(np.asarray(grads["w"])))),
                 "state_err": max([0.0] + [
                     float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                     for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(ref_state))
@@ -146,7 +156,8 @@ def report():
 
 def test_every_constraint_inside_shard_map_equals_the_global_projection(report):
     cases = {k: v for k, v in report.items() if k != "errors"}
-    assert len(cases) >= 17 * 5
+    assert len(cases) >= 18 * 4
+    assert sum(r["err_tangent"] is not None for r in cases.values()) >= 12 * 4
     for case, r in cases.items():
         # Reordered sums: a norm over n entries and its rescaling (norm_ulps);
         # matrix constraints run on the gathered leaf, the same program. The
@@ -156,6 +167,8 @@ def test_every_constraint_inside_shard_map_equals_the_global_projection(report):
         assert r["err_apply"] <= norm_ulps(r["n"]) * EPS32 * max(r["scale_apply"], 1.0), (case, r)
         assert abs(r["v"] - r["ref_v"]) <= tol + 1e-6, (case, r)
         assert r["state_err"] <= tol, (case, r)
+        if r["err_tangent"] is not None:  # <u, w> w / |w|^2 over n terms: reordered sums
+            assert r["err_tangent"] <= norm_ulps(r["n"]) * EPS32 * r["scale_tangent"], (case, r)
 
 
 def test_sharding_of_the_result_is_the_params(report):

@@ -48,6 +48,7 @@ INNER = [
     oc.MaxNorm(2.0, axis=-1),
     oc.MinMaxNorm(0.5, 1.0, rate=0.7, axis="fan_in"),
     oc.UnitNorm(axis=(0, 1)),
+    oc.Sphere(2.0, axis="fan_in"),
     oc.NonNeg(),
     oc.Clip(-0.5, 0.5),
     oc.CenterAround(0.2),

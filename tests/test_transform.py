@@ -457,6 +457,7 @@ SCHEDULED = {
     oc.L1Ball: {"max_value": (4.0, 1.0)},
     oc.Simplex: {"scale": (1.0, 3.0)},
     oc.SpectralNorm: {"max_value": (4.0, 1.0)},
+    oc.Sphere: {"radius": (4.0, 1.0)},
 }
 
 

@@ -103,6 +103,7 @@ REFERENCES = [
         lambda w: w * np.clip(_norms(w), 0.5, 1.0) / (KERAS_EPSILON + _norms(w)),
     ),
     (oc.UnitNorm(), lambda w: w / (KERAS_EPSILON + _norms(w))),
+    (oc.Sphere(1.5), lambda w: w * 1.5 / _norms(w)),
     (oc.NonNeg(), lambda w: np.maximum(w, 0)),
     (oc.Clip(-0.5, 0.5), lambda w: np.clip(w, -0.5, 0.5)),
     (oc.CenterAround(0.3), lambda w: w - np.mean(w) + 0.3),

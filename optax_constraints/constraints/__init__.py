@@ -26,6 +26,7 @@ from optax_constraints.constraints._registry import serialize as serialize
 from optax_constraints.constraints._registry import valid_names as valid_names
 from optax_constraints.constraints._simplex import L1Ball as L1Ball
 from optax_constraints.constraints._simplex import Simplex as Simplex
+from optax_constraints.constraints._sphere import Sphere as Sphere
 from optax_constraints.constraints._stacked import OutputFirst as OutputFirst
 from optax_constraints.constraints._stacked import Stacked as Stacked
 
@@ -39,6 +40,7 @@ for _cls in (
     CenterAround,
     L1Ball,
     Simplex,
+    Sphere,
     SpectralNorm,
     Orthogonal,
     Stacked,

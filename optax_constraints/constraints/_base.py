@@ -16,7 +16,9 @@ Three more describe a constraint to wrappers such as `Stacked`, to
 `jax.shard_map` and to the routing report: the class attribute `elementwise`,
 `on_leaf_axes(axes, ndim)` (the same constraint on another layout, if it can
 be written as one), `on_shards(spec)` (the same constraint on a local block
-inside `shard_map`, if it has one) and `describe_leaf(shape)`.
+inside `shard_map`, if it has one) and `describe_leaf(shape)`. One more,
+`tangent(w, u)`, moves an update into the set's tangent space for
+`oc.tangent` (not defined by default).
 """
 
 from __future__ import annotations
@@ -143,6 +145,26 @@ class Constraint:
     #: the layout does not matter, and inside `jax.shard_map` the local block
     #: is projected as it is.
     elementwise: ClassVar[bool] = False
+
+    def tangent(self, w: jax.Array, u: jax.Array) -> jax.Array:
+        """The update `u` moved into the tangent space of this constraint's set at `w`.
+
+        `oc.tangent` calls it for every constrained leaf: `w` is the
+        (feasible) parameter, `u` its update, and the result the projection
+        of `u` onto the tangent space of the set at `w` (the tangent cone
+        for sets with an interior: `u` inside, its outward part removed on
+        the boundary), in `u`'s dtype. Not defined by default: the base
+        raises `NotImplementedError`, and `oc.tangent`'s `init` names each
+        leaf whose constraint lacks it.
+
+        >>> import jax.numpy as jnp
+        >>> import optax_constraints as oc
+        >>> oc.UnitNorm().tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
+        Array([[0.],
+               [3.]], dtype=float32)
+        """
+        del w, u
+        raise NotImplementedError(f"{self!r} defines no tangent space (Constraint.tangent)")
 
     def on_leaf_axes(self, axes: tuple[int, ...], ndim: int) -> Constraint | None:
         """This constraint on a sub-array, written as a constraint on the whole leaf.

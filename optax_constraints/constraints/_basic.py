@@ -131,6 +131,11 @@ class MaxNorm(_NormConstraint):
         excess = c._norms(w) - c.max_value
         return jnp.max(jnp.maximum(excess, 0), initial=0.0)
 
+    def tangent(self, w, u):
+        """The tangent cone of the ball: on the boundary, the outward radial part removed."""
+        c = self.at_step(0)
+        return P.ball_tangent(w, u, c.max_value, c.axis, axis_name=self._axis_name)
+
 
 class MinMaxNorm(_NormConstraint):
     """Keeps the norm of each unit in `[min_value, max_value]`.
@@ -194,6 +199,17 @@ class MinMaxNorm(_NormConstraint):
         gap = jnp.maximum(c.min_value - norms, norms - c.max_value)
         return jnp.max(jnp.maximum(gap, 0), initial=0.0)
 
+    def tangent(self, w, u):
+        """The tangent cone of the shell `min_value <= ‖w‖ <= max_value`.
+
+        On the outer sphere the outward radial part is removed, on the inner
+        one (`min_value > 0`) the inward one; inside, `u` is unchanged.
+        """
+        c = self.at_step(0)
+        return P.ball_tangent(
+            w, u, c.max_value, c.axis, min_value=c.min_value, axis_name=self._axis_name
+        )
+
 
 class UnitNorm(_NormConstraint):
     """Scales the weights incident to each unit to unit norm.
@@ -215,6 +231,10 @@ class UnitNorm(_NormConstraint):
 
     def get_config(self):
         return {"axis": _config_axis(self.axis)}
+
+    def tangent(self, w, u):
+        """Per unit, `u - <u, w> w / ‖w‖²` (a zero unit's update unchanged)."""
+        return P.sphere_tangent(w, u, self.axis, self._axis_name)
 
 
 class NonNeg(Constraint):
@@ -243,6 +263,10 @@ class NonNeg(Constraint):
     def violation(self, w):
         w = _float(w)
         return jnp.maximum(-jnp.min(w, initial=0), 0)
+
+    def tangent(self, w, u):
+        """Where `w <= 0`, a negative update component is dropped."""
+        return P.box_tangent(w, u, 0.0)
 
 
 class Clip(Constraint):
@@ -280,6 +304,11 @@ class Clip(Constraint):
     def get_config(self):
         return {"min_value": self.min_value, "max_value": self.max_value}
 
+    def tangent(self, w, u):
+        """At a bound, the update component pointing out of the box is dropped."""
+        c = self.at_step(0)
+        return P.box_tangent(w, u, c.min_value, c.max_value)
+
 
 class CenterAround(Constraint):
     """Shifts the weights so their mean is `ref_value` (the Keras guide's example).
@@ -302,6 +331,10 @@ class CenterAround(Constraint):
 
     def get_config(self):
         return {"ref_value": self.ref_value}
+
+    def tangent(self, w, u):
+        """The sum-zero plane: `u - mean(u)` over the whole leaf."""
+        return P.sum_zero_tangent(w, u, None)
 
 
 max_norm = MaxNorm

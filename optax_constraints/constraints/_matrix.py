@@ -284,3 +284,11 @@ class Orthogonal(Constraint):
         a = _matrix(w)
         gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
         return jnp.max(jnp.abs(gram - jnp.eye(gram.shape[0], dtype=gram.dtype)))
+
+    def tangent(self, w, u):
+        """The Stiefel tangent space at the `(fan_in, out)` view: `U - W sym(WᵀU)`.
+
+        Wide views (orthonormal rows) are handled transposed
+        (`projections._tangent.stiefel_tangent`).
+        """
+        return P.stiefel_tangent(w, u)

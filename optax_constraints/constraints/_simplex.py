@@ -111,3 +111,10 @@ class Simplex(_AxisConstraint):
         total = jnp.sum(w, axis=P.resolve_axis(c.axis, w.ndim))
         negative = jnp.maximum(-jnp.min(w, initial=0.0), 0)
         return jnp.maximum(negative, jnp.max(jnp.abs(total - c.scale), initial=0.0))
+
+    def tangent(self, w, u):
+        """Per unit, the sum-zero plane `u - mean(u)` (the sum stays `scale`).
+
+        The non-negativity faces are left to the projection after the step.
+        """
+        return P.sum_zero_tangent(w, u, self.axis)

@@ -128,6 +128,13 @@ class _View(Constraint):
         kinds = ("leaf", "leaf", "copy")
         return self._through(one, param.ndim, kinds, ("leaf", "copy"))(param, update, state)
 
+    def tangent(self, w, u):
+        w, u = jnp.asarray(w), jnp.asarray(u)
+        whole = self._on_whole_leaf(w.ndim)
+        if whole is not None:
+            return whole.tangent(w, u)
+        return self._through(self.constraint.tangent, w.ndim, ("leaf", "leaf"), "leaf")(w, u)
+
     def violation(self, w):
         w = jnp.asarray(w)
         whole = self._on_whole_leaf(w.ndim)

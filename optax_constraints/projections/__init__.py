@@ -35,3 +35,10 @@ from optax_constraints.projections._norms import unit_norm as unit_norm
 from optax_constraints.projections._norms import unit_norms as unit_norms
 from optax_constraints.projections._simplex import l1_ball as l1_ball
 from optax_constraints.projections._simplex import simplex as simplex
+from optax_constraints.projections._sphere import sphere as sphere
+from optax_constraints.projections._tangent import BOUNDARY_RTOL as BOUNDARY_RTOL
+from optax_constraints.projections._tangent import ball_tangent as ball_tangent
+from optax_constraints.projections._tangent import box_tangent as box_tangent
+from optax_constraints.projections._tangent import sphere_tangent as sphere_tangent
+from optax_constraints.projections._tangent import stiefel_tangent as stiefel_tangent
+from optax_constraints.projections._tangent import sum_zero_tangent as sum_zero_tangent
