@@ -320,11 +320,6 @@ def test_tangent_evaluates_schedules_at_its_count():
     np.testing.assert_array_equal(_np(second["w"]), _np(u["w"]))
 
 
-def test_tangent_param_specs_not_supported_yet():
-    with pytest.raises(NotImplementedError, match="param_specs"):
-        oc.tangent(oc.Sphere(), param_specs={})
-
-
 # --- Sphere ---------------------------------------------------------------------
 
 
