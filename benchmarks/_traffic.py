@@ -202,8 +202,15 @@ def memory(compiled, param_bytes: int) -> dict[str, float]:
         "output_mb": m.output_size_in_bytes / mb,
         "alias_mb": m.alias_size_in_bytes / mb,
         "peak_mb": peak / mb,
-        "passes": bytes_moved(compiled) / param_bytes,
+        "passes": _passes(compiled, param_bytes),
     }
+
+
+def _passes(compiled, param_bytes: int) -> float:
+    try:
+        return bytes_moved(compiled) / param_bytes
+    except (KeyError, ValueError):  # a program text this parser does not read (another backend)
+        return float("nan")
 
 
 def collectives(hlo: str) -> dict[str, dict[str, int]]:

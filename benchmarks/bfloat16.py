@@ -43,7 +43,7 @@ def run(args) -> dict:
     }
     runs = {name: W.compiled_run(step, tx, params, grads) for name, (step, tx) in variants.items()}
     memory = {name: TR.memory(compiled, param_bytes) for name, (compiled, _) in runs.items()}
-    reps = args.rounds or (6 if args.quick else 24)
+    reps = args.reps or (6 if args.quick else 24)
     times = T.interleaved(runs, reps)
     return {
         "reps": reps,

@@ -26,7 +26,7 @@ def run(args) -> dict:
     for k in (4, 16):
         txs[f"every_{k}"] = optax.chain(adam, oc.project(W.CONSTRAINTS, labels, every_k_steps=k))
     runs = {name: W.compiled_run(W.step_with(tx), tx, params, grads) for name, tx in txs.items()}
-    reps = args.rounds or (16 if args.quick else 48)
+    reps = args.reps or (16 if args.quick else 48)
     times = T.interleaved(runs, reps, warmup=0)
     plain = times["plain"]["cpu"]
     return {

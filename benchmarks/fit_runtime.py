@@ -35,7 +35,7 @@ def run(args) -> dict:
         ),
     }
     steps = {"cnn": 8 if args.quick else 12, f"lm{n_blocks}": 4 if args.quick else 8}
-    reps = args.rounds or (4 if args.quick else 10)
+    reps = args.reps or (4 if args.quick else 10)
     out = {"reps": reps, "models": {}}
     for model, (make_flax, make_keras, data, batch) in models.items():
         out["models"][model] = measure(make_flax, make_keras, data, batch, steps[model], reps)

@@ -89,7 +89,7 @@ def run(args) -> dict:
         float(jnp.max(jnp.abs(a - b))) for a, b in zip(ns, svd, strict=True)
     )
 
-    reps = args.rounds or (4 if args.quick else 10)
+    reps = args.reps or (4 if args.quick else 10)
     times = T.interleaved(runs, reps, warmup=1)
     return {
         "kernels": f"{n} x ({width}, {width})",

@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick               # the same at smoke-test sizes
     python benchmarks/run.py --only whole_step     # one section (or a comma list)
     python benchmarks/run.py --list                # the sections
+    python benchmarks/run.py --only compile --rounds 5 --reps 10   # more rounds
 
 Every section compares variants measured in the same process, interleaved
 (`_timing.py`): `project` against plain Adam and against the loop a user
@@ -12,7 +13,8 @@ It prints its table and the run writes one JSON file to `benchmarks/results/`
 (`--out` elsewhere): `<machine>-<date>[-quick][-<sections>].json`.
 
 A section is a module of this folder, registered in `SECTIONS` by one line.
-It has `run(args) -> dict` (JSON-able; `args.quick`, `args.rounds`) and
+It has `run(args) -> dict` (JSON-able; it reads `args.quick`, `args.rounds`
+and `args.reps`, the last two None unless given) and
 `report(result) -> list[str]`, or, for a standalone script, `main(argv)`
 (called with `["--quick"]` under `--quick`; a dict it returns is recorded).
 Modules are imported only when their section runs, so one that is missing
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer rounds, sizes")
     parser.add_argument("--only", help="sections to run, comma-separated (see --list)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (sections that take it)")
+    parser.add_argument("--rounds", type=int, help="trace + compile rounds (compile, whole_step)")
+    parser.add_argument("--reps", type=int, help="timed rounds of the compiled steps")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
     args = parser.parse_args(argv)

@@ -44,7 +44,7 @@ def run(args) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     command = [sys.executable, "-m", "benchmarks.sharded", "--child"]
     command += ["--quick"] if args.quick else []
-    command += ["--rounds", str(args.rounds)] if args.rounds else []
+    command += ["--reps", str(args.reps)] if args.reps else []
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the 8-device process failed:\n{done.stderr[-4000:]}")
@@ -266,8 +266,8 @@ def child(argv: list[str]) -> dict:
     import jax
 
     quick = "--quick" in argv
-    rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else None
-    reps = rounds or (4 if quick else 20)
+    given = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else None
+    reps = given or (4 if quick else 20)
     params, _, _ = _model(quick)
     return {
         "devices": len(jax.devices()),

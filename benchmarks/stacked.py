@@ -44,7 +44,7 @@ def run(args) -> dict:
             key = f"{name}/{layout}"
             compile_s[key], compiled = T.compile_time(W.jit_step(W.step_with(tx)), p, tx.init(p), g)
             runs[key] = (compiled, (p, tx.init(p), g))
-    reps = args.rounds or (8 if args.quick else 24)
+    reps = args.reps or (8 if args.quick else 24)
     times = T.interleaved(runs, reps)
     return {
         "layers": layers,

@@ -58,7 +58,7 @@ def run(args) -> dict:
             compiled = W.jit_step(step).lower(trainable, opt_vars, flat_grads).compile()
             runs[name] = (compiled, (trainable, opt_vars, flat_grads))
             memory[name] = TR.memory(compiled, param_bytes)
-    reps = args.rounds or (6 if args.quick else 40)
+    reps = args.reps or (6 if args.quick else 40)
     times = T.interleaved(runs, reps)
     return {
         "n_params": int(sum(x.size for x in jax.tree.leaves(params))),

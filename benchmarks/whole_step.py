@@ -1,6 +1,6 @@
 """Whole training steps of real models: trace + compile time and run time.
 
-    python benchmarks/run.py --only whole_step [--quick] [--rounds N]
+    python benchmarks/run.py --only whole_step [--quick] [--rounds N] [--reps N]
 
 A step is forward, backward, Adam and apply (`_models.whole_steps`), for a
 Linen transformer LM with 4 and 8 blocks, a 100-layer MLP and the 4-block LM
@@ -78,7 +78,7 @@ def measure(make_model, rounds: int, run_reps: int, *, stacked: bool = False) ->
 
 def run(args) -> dict:
     rounds = args.rounds or (1 if args.quick else 5)
-    run_reps = 5 if args.quick else 20
+    run_reps = args.reps or (5 if args.quick else 20)
     return {
         "rounds": rounds,
         "run_reps": run_reps,

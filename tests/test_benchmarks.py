@@ -113,7 +113,7 @@ def test_an_unknown_section_is_refused_with_the_known_ones():
 )
 def test_section_writes_finite_ratios_at_quick_size(name, tmp_path):
     pytest.importorskip(R.SECTIONS[name])  # a section another branch adds may be absent
-    argv = ["--only", name, "--quick"] + (["--rounds", "2"] if name in FAST else [])
+    argv = ["--only", name, "--quick"] + (["--reps", "2"] if name in FAST else [])
     section = _run(tmp_path, *argv)["sections"][name]
     assert "error" not in section, section.get("error")
     bad = [(k, x) for k, x in _numbers(section) if not math.isfinite(x)]
