@@ -128,6 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
         f" - {results['date']} - jax {results['versions']['jax']} - {results['mode']}",
         flush=True,
     )
+    stem = f"{results['machine']}-{datetime.date.today().isoformat()}"
+    stem += "-quick" if args.quick else ""
+    stem += f"-{'-'.join(names)}" if args.only else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{stem}.json"
     failed = []
     for name in names:
         print(f"\n== {name} ==", flush=True)
@@ -142,13 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["seconds"] = time.perf_counter() - t0
         results["sections"][name] = result
         print("\n".join(lines), flush=True)
+        results["seconds"] = time.perf_counter() - started
+        path.write_text(json.dumps(results, indent=1))  # after each section: a cut run keeps them
     results["seconds"] = time.perf_counter() - started
-
-    stem = f"{results['machine']}-{datetime.date.today().isoformat()}"
-    stem += "-quick" if args.quick else ""
-    stem += f"-{'-'.join(names)}" if args.only else ""
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{stem}.json"
     path.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {path} ({results['seconds']:.0f} s)")
     if failed:
