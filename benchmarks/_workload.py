@@ -1,4 +1,4 @@
-"""The reference workload and the step functions compared in `run.py`.
+"""The reference workload and the optimizer steps that the step-level sections compare.
 
 Adam on about 21M parameters: eight Dense kernels 1536x1536 and four Conv
 kernels 3x3x256x256, each with a bias; per-unit MaxNorm on the kernels
