@@ -1,4 +1,4 @@
-"""Whole training steps of real models, for the compile-time section of `run.py`.
+"""Whole training steps of real models, for the `whole_step` and `fit_runtime` sections.
 
 Each model is a Flax Linen module with a loss; `whole_steps` builds, per
 variant, one jitted step `(params, opt_state, batch) -> (params, opt_state,

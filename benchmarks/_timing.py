@@ -15,7 +15,7 @@ steadier figure there. Both are reported.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
@@ -97,3 +97,39 @@ def interleaved_rounds(
             times[name]["cpu"].append(cpu)
             times[name]["wall"].append(wall)
     return {n: {k: np.asarray(v) for k, v in t.items()} for n, t in times.items()}
+
+
+def summary(times: dict[str, dict[str, np.ndarray]]) -> dict:
+    """`time_stats` of both clocks for every variant of `interleaved`'s result."""
+    return {n: {c: time_stats(t[c]) for c in ("cpu", "wall")} for n, t in times.items()}
+
+
+def ratios(times: dict[str, dict[str, np.ndarray]], pairs: Iterable[tuple[str, str]]) -> dict:
+    """`"a/b"` -> `ratio_stats` of both clocks, for the pairs present in `times`."""
+    return {
+        f"{a}/{b}": {c: ratio_stats(times[a][c], times[b][c]) for c in ("cpu", "wall")}
+        for a, b in pairs
+        if a in times and b in times
+    }
+
+
+def compile_time(jitted, *args) -> tuple[dict, object]:
+    """Trace (lower) and XLA compile times of `jitted(*args)`, and the compiled program."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    lowered = jitted.lower(*args)
+    w1, c1 = time.perf_counter(), time.process_time()
+    compiled = lowered.compile()
+    w2, c2 = time.perf_counter(), time.process_time()
+    figures = {
+        "trace_s": w1 - w0,
+        "compile_s": w2 - w1,
+        "total_s": w2 - w0,
+        "trace_cpu_s": c1 - c0,
+        "total_cpu_s": c2 - c0,
+    }
+    return figures, compiled
+
+
+def fmt(stats: dict) -> str:
+    """`median [min-max]` of a `ratio_stats` result."""
+    return f"{stats['median']:.3f} [{stats['min']:.2f}-{stats['max']:.2f}]"

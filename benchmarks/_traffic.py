@@ -8,15 +8,15 @@ its operands and writes its result, and the bytes of both are summed.
 
 * Buffers passed by reference cost nothing: parameters, constants, bitcasts,
   tuples and their elements.
-* A `conditional` costs its cheapest branch: in the steps measured here the
-  only branches are the overflow guards of `unit_norms`, whose expensive
-  branch runs only when a unit's sum of squares overflowed.
+* A `conditional` costs its cheapest branch (a guard whose expensive branch
+  runs only on rare inputs costs nothing on the usual ones).
 * A `while` body is counted once (there are none in the steps measured).
 * An operand that a fusion reads only through a slice (of it, or of an
   elementwise result of it) costs the slice.
 
 XLA's own `cost_analysis()["bytes accessed"]` counts every branch of a
-conditional, which is why it is not used here.
+conditional, which is why it is not used here. `collectives` lists the
+cross-device operations of a program and the bytes each one produces.
 
 >>> import jax, jax.numpy as jnp
 >>> compiled = jax.jit(lambda x: x * 2).lower(jnp.ones(1000)).compile()
@@ -45,6 +45,10 @@ _ITEMSIZE = {
     "c64": 8,
     "c128": 16,
 }
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|all-to-all|"
+    r"collective-permute|reduce-scatter)(-start)?\("
+)
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
 _FREE = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all"}
 
@@ -180,3 +184,55 @@ def kernel_count(compiled) -> int:
     """
     computations, entry = _parse(compiled.as_text())
     return sum(i["opcode"] not in _FREE for i in computations[entry])
+
+
+def memory(compiled, param_bytes: int) -> dict[str, float]:
+    """`memory_analysis` figures (MB) and the traffic in passes over the parameters."""
+    mb = 2**20
+    m = compiled.memory_analysis()
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    return {
+        "temp_mb": m.temp_size_in_bytes / mb,
+        "argument_mb": m.argument_size_in_bytes / mb,
+        "output_mb": m.output_size_in_bytes / mb,
+        "alias_mb": m.alias_size_in_bytes / mb,
+        "peak_mb": peak / mb,
+        "passes": _passes(compiled, param_bytes),
+    }
+
+
+def _passes(compiled, param_bytes: int) -> float:
+    try:
+        return bytes_moved(compiled) / param_bytes
+    except (KeyError, ValueError):  # a program text this parser does not read (another backend)
+        return float("nan")
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """Collective op -> {"count", "bytes"} in a compiled program's text.
+
+    `bytes` sums the shapes each collective produces on one device (for an
+    all-gather the gathered array, for an all-reduce the reduced one); an
+    async pair (`-start`/`-done`) counts once, at its start.
+
+    >>> collectives("  %a = f32[8]{0} all-reduce(f32[8]{0} %x), to_apply=%add")
+    {'all-reduce': {'count': 1, 'bytes': 32}}
+    """
+    found: dict[str, dict[str, int]] = {}
+    for line in hlo.splitlines():
+        # Long tuple shapes carry `/*index=5*/` comments, whose "=" would cut the match.
+        m = _COLLECTIVE.search(re.sub(r"/\*.*?\*/", "", line))
+        if m:
+            entry = found.setdefault(m.group(2), {"count": 0, "bytes": 0})
+            shape = m.group(1)
+            if m.group(3) and m.group(2) in ("all-gather", "collective-permute"):
+                # The async start returns (operand, result): count the result.
+                shape = list(_ARRAY.finditer(shape))[-1].group(0)
+            entry["count"] += 1
+            entry["bytes"] += _shape_bytes(shape)
+    return found

@@ -1,4 +1,4 @@
-"""The reference workload and the step functions compared in `run.py`.
+"""The reference workload and the optimizer steps that the step-level sections compare.
 
 Adam on about 21M parameters: eight Dense kernels 1536x1536 and four Conv
 kernels 3x3x256x256, each with a bias; per-unit MaxNorm on the kernels
@@ -102,7 +102,7 @@ def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callabl
         p = optax.apply_updates(p, u)
         return jax.tree.map(lambda w, label: CONSTRAINTS[label](w), p, labels_of(p)), s
 
-    def hand_keras(p, s, g):
+    def hand_keras(p, s, g):  # what a user writes: apply_updates, then Keras's formula
         u, s = adam.update(g, s, p)
         p = optax.apply_updates(p, u)
 
@@ -113,22 +113,12 @@ def optax_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callabl
 
         return jax.tree.map(project, p, labels_of(p)), s
 
-    def naive(p, s, g):
-        # What `project` computed before ordering: C(p + u) - p per leaf, no order.
-        u, s = adam.update(g, s, p)
-
-        def project(w, du, label):
-            return CONSTRAINTS[label](w + du) - w
-
-        return optax.apply_updates(p, jax.tree.map(project, p, u, labels_of(p))), s
-
     return {
         "plain": (step_with(adam), adam),
         "project": (step_with(projected), projected),
         "project_every4": (step_with(projected_every4), projected_every4),
         "hand_oc": (hand_oc, adam),
         "hand_keras": (hand_keras, adam),
-        "naive": (naive, adam),
     }
 
 
@@ -144,6 +134,22 @@ def nonneg_steps(learning_rate: float = LEARNING_RATE) -> dict[str, tuple[Callab
 def jit_step(step: Callable) -> Callable:
     """The step jitted with params and optimizer state donated (a fresh cache)."""
     return jax.jit(functools.partial(step), donate_argnums=(0, 1))
+
+
+def compiled_run(step: Callable, tx, params, grads) -> tuple[Callable, tuple]:
+    """(compiled step, (params copy, state, grads)): one entry of `_timing.interleaved`."""
+    p = jax.tree.map(jnp.copy, params)
+    s = tx.init(p)
+    return jit_step(step).lower(p, s, grads).compile(), (p, s, grads)
+
+
+def keras_available() -> bool:
+    """Whether Keras 3 can be imported (the Keras rows are skipped without it)."""
+    try:
+        import keras  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # -- Keras 3 (JAX backend): Adam `stateless_apply` with variable constraints --
