@@ -286,7 +286,8 @@ def hlo_collectives(hlo: str) -> list[dict]:
     """
     found = []
     for line in hlo.splitlines():
-        m = _COLLECTIVE.search(line)
+        # Long tuple shapes carry `/*index=5*/` comments, whose "=" would cut the match.
+        m = _COLLECTIVE.search(re.sub(r"/\*.*?\*/", "", line))
         if m:
             shapes = [
                 [int(d) for d in dims.split(",") if d]
