@@ -1,6 +1,6 @@
 """What do `tangent` and `Sphere` cost? One Adam step on a transformer's matrices.
 
-    python -m benchmarks.manifold [--quick] [--reps N] [--out results.json]
+    python -m benchmarks.manifold [--quick | --large] [--reps N] [--out results.json]
 
 Every matrix of a small transformer (embedding, per layer q/k/v, output,
 MLP in and out) is kept on the unit sphere per unit (nGPT), in four
@@ -130,13 +130,16 @@ def measure(d_model: int, layers: int, vocab: int, reps: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (CI, tests)")
+    parser.add_argument("--large", action="store_true", help="d_model 512, 6 layers, vocab 8192")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     if args.quick:
         d_model, layers, vocab, reps = 64, 2, 256, args.reps or 5
-    else:
+    elif args.large:
         d_model, layers, vocab, reps = 512, 6, 8192, args.reps or 30
+    else:
+        d_model, layers, vocab, reps = 256, 4, 2048, args.reps or 30
     report = measure(d_model, layers, vocab, reps)
     report["machine"] = {
         "platform": platform.platform(),

@@ -44,8 +44,8 @@ def tangent(
       `(fan_in, out)` view (`U - sym(U Wᵀ) W` for a wide one);
     * `Simplex` (per unit) and `CenterAround` (whole leaf): the sum-zero
       plane, `u - mean(u)`;
-    * `MaxNorm`, `NonNeg`, `Clip`: the tangent cone, identity inside the set
-      and the outward part removed on its boundary.
+    * `MaxNorm`, `MinMaxNorm`, `NonNeg`, `Clip`: the tangent cone, identity
+      inside the set and the outward part removed on its boundary.
 
     Unconstrained leaves' updates pass through. The labels are routed exactly
     as `project` routes them, and checked at `init`, which also raises

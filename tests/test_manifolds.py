@@ -231,6 +231,21 @@ def test_max_norm_tangent_cone():
     np.testing.assert_array_equal(_np(_tangent(c, w, -out_and_in)), -_np(out_and_in))
 
 
+def test_min_max_norm_tangent_cone_of_the_shell():
+    c = oc.MinMaxNorm(1.0, 2.0)
+    # Unit norms 1 (inner sphere), 2 (outer sphere), 1.5 (inside).
+    w = c(jnp.array([[0.6, 1.2, 0.9], [0.8, 1.6, 1.2]]))
+    radial = _np(w) / np.linalg.norm(_np(w), axis=0)
+    for sign in (1.0, -1.0):
+        v = _np(_tangent(c, w, jnp.asarray(sign * radial, jnp.float32)))
+        blocked = [sign < 0, sign > 0, False]  # inward at the inner, outward at the outer
+        for k in range(3):
+            if blocked[k]:
+                np.testing.assert_allclose(v[:, k], 0.0, atol=ulps(1.0, 8))
+            else:
+                np.testing.assert_allclose(v[:, k], sign * radial[:, k], atol=ulps(1.0, 2))
+
+
 def test_non_neg_and_clip_tangent_cones():
     w = jnp.array([0.0, 0.0, 0.5, 1.0, 1.0])
     u = jnp.array([-1.0, 2.0, -3.0, 4.0, -5.0])
@@ -327,6 +342,19 @@ def test_sphere_is_the_exact_projection(shape, axis, radius):
     assert_close_ulps(_unit_norms(out, axis), np.full_like(n, radius), k)
 
 
+def test_sphere_is_the_nearest_point_on_the_sphere():
+    # ‖w - C(w)‖ <= ‖w - s‖ for every s on the sphere (per unit), checked
+    # against many random points of the sphere, in float64 after the fact.
+    w = _normal((5, 3), 0)
+    out = _np(oc.Sphere(2.0)(w))
+    w64 = _np(w)
+    best = np.linalg.norm(w64 - out, axis=0)
+    s = np.random.default_rng(3).normal(size=(1000, 5, 3))
+    s = 2.0 * s / np.linalg.norm(s, axis=1, keepdims=True)
+    others = np.linalg.norm(w64 - s, axis=1)
+    assert np.all(best <= others.min(axis=0) + ulps(np.linalg.norm(w64, axis=0), 8))
+
+
 def test_sphere_zero_unit_stays_zero_with_finite_gradient():
     w = jnp.array([[0.0, 3.0], [0.0, 4.0]])
     out = oc.Sphere(2.0)(w)
@@ -334,6 +362,15 @@ def test_sphere_zero_unit_stays_zero_with_finite_gradient():
     g = jax.grad(lambda w: jnp.sum(oc.Sphere(2.0)(w) * jnp.arange(4.0).reshape(2, 2)))(w)
     assert np.all(np.isfinite(_np(g)))
     np.testing.assert_array_equal(_np(g)[:, 0], [0.0, 0.0])
+
+
+def test_sphere_and_its_tangent_leave_a_nan_unit_nan():
+    # Nothing is repaired silently (docs/nonfinite.md): a NaN unit shows it.
+    w = jnp.array([[jnp.nan, 3.0], [1.0, 4.0]])
+    out = _np(oc.Sphere()(w))
+    assert np.isnan(out[:, 0]).all() and np.isfinite(out[:, 1]).all()
+    v = _np(oc.Sphere().tangent(w, jnp.ones((2, 2))))
+    assert np.isnan(v[:, 0]).all() and np.isfinite(v[:, 1]).all()
 
 
 def test_sphere_radius_array_and_schedule():
@@ -442,3 +479,87 @@ def test_manifold_benchmark_runs_at_its_quick_size():
     names = {"adam_project", "adam_tangent_project", "hand_ngpt"}
     assert {f"{n} / adam" for n in names} <= set(report["ratios"])
     assert all(r["cpu"]["median"] > 0 for r in report["ratios"].values())
+
+
+# --- every constraint with a tangent: the shared properties -----------------------
+
+NO_TANGENT = (oc.L1Ball, oc.SpectralNorm)
+"""Classes without a tangent hook (`oc.tangent` rejects them at `init`)."""
+
+TANGENT_EXAMPLES = {
+    "MinMaxNorm": [oc.MinMaxNorm(0.5, 1.0, axis="fan_in")],
+    "Sphere": [oc.Sphere(2.0, axis="fan_in"), oc.Sphere(axis=None)],
+    "Clip": [oc.Clip(-0.5, 0.5)],
+}
+
+
+def _with_tangent():
+    from helpers import constraint_instances
+
+    return [
+        c
+        for c in constraint_instances(TANGENT_EXAMPLES)
+        if not isinstance(c, NO_TANGENT)
+        and not (
+            isinstance(c, oc.Stacked | oc.OutputFirst) and isinstance(c.constraint, NO_TANGENT)
+        )
+    ]
+
+
+def test_which_constraints_have_a_tangent():
+    from helpers import exported_constraint_classes
+
+    w = jnp.ones((4, 3))
+    for cls in exported_constraint_classes():
+        if cls in NO_TANGENT:
+            with pytest.raises(NotImplementedError):
+                cls().tangent(w, w)
+        else:
+            assert cls().tangent(w, w).shape == w.shape
+
+
+@pytest.mark.parametrize("constraint", _with_tangent(), ids=repr)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_tangent_properties(constraint, dtype):
+    shape = (6, 4)
+    w = constraint(_normal(shape, 0, dtype) * 2.0 + 0.5)  # feasible, some units on bounds
+    u = _normal(shape, 1, dtype)
+    v = _tangent(constraint, w, u)
+    assert v.shape == shape and v.dtype == dtype
+    v64, u64 = _np(v), _np(u)
+    eps = float(jnp.finfo(dtype).eps)
+    scale = np.max(np.abs(u64))
+    # jit equals eager (up to float32 rounding in a different fusion).
+    np.testing.assert_allclose(
+        _np(jax.jit(constraint.tangent)(w, u)), v64, rtol=0, atol=eps * scale * 8
+    )
+    # A projection (onto a subspace or a cone): applying it again changes nothing.
+    again = _np(_tangent(constraint, w, v))
+    np.testing.assert_allclose(again, v64, rtol=0, atol=ulps(scale, 64) + eps * scale)
+    # It never lengthens the update.
+    assert np.linalg.norm(v64) <= np.linalg.norm(u64) * (1 + 64 * EPS32) + eps * scale
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [c for c in _with_tangent() if not isinstance(c, oc.Simplex)],
+    ids=repr,
+)
+def test_a_step_along_the_tangent_leaves_the_set_only_to_second_order(constraint):
+    # dist(w + t v, set) = O(t²) for a tangent vector v (first order for a
+    # generic u). Simplex is left out: its tangent is the sum-zero plane, and
+    # its non-negativity faces are left to the projection.
+    w = constraint(_normal((6, 4), 0) * 2.0 + 0.5)
+    v = _tangent(constraint, w, _normal((6, 4), 1))
+
+    def distance(t):
+        moved = w + t * v
+        return np.linalg.norm(_np(constraint(moved)) - _np(moved))
+
+    t = 0.05
+    # Halving t divides a second-order distance by 4; 2.5 leaves room for the
+    # third-order terms. Below the floor (rounding of w + t v and of C) the
+    # distance is noise.
+    floor = ulps(np.linalg.norm(_np(w)), 64)
+    assert distance(t / 2) <= distance(t) / 2.5 + floor
+    assert distance(t) <= 10 * t**2 * np.linalg.norm(_np(v)) ** 2 + floor

@@ -88,6 +88,7 @@ TRIGGERS = {
     "spectral_norm_method": lambda: oc.SpectralNorm(method="exact"),
     "spectral_norm_iters": lambda: oc.SpectralNorm(num_iters=0),
     "orthogonal_method": lambda: oc.Orthogonal(method="qr"),
+    "sphere_radius_zero": lambda: oc.Sphere(radius=0.0),
     # -- axis, at construction
     "axis_float": lambda: oc.MaxNorm(axis=1.5),
     "axis_typo": lambda: oc.UnitNorm(axis="fanin"),
@@ -113,6 +114,8 @@ TRIGGERS = {
     "custom_numpy": lambda: init(np.abs),
     "call_out_of_range": lambda: oc.MaxNorm(axis=3)(jnp.ones((2, 2))),
     "call_on_a_tree": lambda: oc.MaxNorm()(params()),
+    "sphere_init_without_state": lambda: oc.apply_constraints(params(), oc.Sphere("init")),
+    "tangent_without_hook": lambda: oc.tangent(oc.L1Ball()).init(params()),
     # -- labels
     "labels_missing_leaf": lambda: init({"k": oc.MaxNorm()}, {"dense": {"kernel": "k"}}),
     "labels_extra_leaf": lambda: init(

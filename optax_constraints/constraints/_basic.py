@@ -173,6 +173,15 @@ class MinMaxNorm(_AxisConstraint):
         gap = jnp.maximum(c.min_value - norms, norms - c.max_value)
         return jnp.max(jnp.maximum(gap, 0), initial=0.0)
 
+    def tangent(self, w, u):
+        """The tangent cone of the shell `min_value <= ‖w‖ <= max_value`.
+
+        On the outer sphere the outward radial part is removed, on the inner
+        one (`min_value > 0`) the inward one; inside, `u` is unchanged.
+        """
+        c = self.at_step(0)
+        return P.ball_tangent(w, u, c.max_value, c.axis, min_value=c.min_value)
+
 
 class UnitNorm(_AxisConstraint):
     """Scales the weights incident to each unit to unit norm.

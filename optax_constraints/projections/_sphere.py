@@ -46,6 +46,7 @@ def sphere(w: jax.Array, radius: jax.typing.ArrayLike = 1.0, axis: AxisSpec = 0)
       Hypersphere, ICLR 2025.
     """
     norms = unit_norms(w, axis)
-    nonzero = norms > 0
-    # Both branches of the `where` are finite, so the gradient is too.
-    return w * jnp.where(nonzero, radius / jnp.where(nonzero, norms, 1), 0)
+    zero = norms == 0
+    # Both branches of the `where` are finite at a zero unit, so the gradient
+    # is too; a NaN norm stays NaN (the unit shows it, nothing is repaired).
+    return w * jnp.where(zero, 0, radius / jnp.where(zero, 1, norms))

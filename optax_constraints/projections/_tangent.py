@@ -47,8 +47,8 @@ def _radial(w, u, axes):
 
 
 def _safe_ratio(num, den):
-    nonzero = den > 0
-    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+    zero = den == 0  # a NaN stays NaN
+    return jnp.where(zero, 0, num / jnp.where(zero, 1, den))
 
 
 @_in_compute_dtype
@@ -70,13 +70,19 @@ def sphere_tangent(w: jax.Array, u: jax.Array, axis: AxisSpec = 0) -> jax.Array:
 
 @_in_compute_dtype
 def ball_tangent(
-    w: jax.Array, u: jax.Array, max_value: jax.typing.ArrayLike, axis: AxisSpec = 0
+    w: jax.Array,
+    u: jax.Array,
+    max_value: jax.typing.ArrayLike,
+    axis: AxisSpec = 0,
+    min_value: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
-    """The tangent cone of `‖w‖ <= max_value`, per unit.
+    """The tangent cone of `‖w‖ <= max_value` (and `‖w‖ >= min_value`), per unit.
 
     Inside the ball `u` is unchanged; on its boundary (see `BOUNDARY_RTOL`)
     an outward radial component (`<u, w> > 0`) is removed, an inward one
-    kept.
+    kept. With `min_value > 0` (a shell, `MinMaxNorm`), on the inner
+    boundary (`‖w‖ <= min_value (1 + BOUNDARY_RTOL) + 1e-7`) an inward
+    radial component is removed.
 
     >>> import jax.numpy as jnp
     >>> ball_tangent(jnp.array([[1.0, 0.5], [0.0, 0.0]]), jnp.array([[2.0, 2.0], [3.0, 3.0]]), 1.0)
@@ -85,9 +91,12 @@ def ball_tangent(
     """
     axes = resolve_axis(axis, w.ndim)
     inner, sumsq = _radial(w, u, axes)
-    on_boundary = jnp.sqrt(sumsq) >= max_value * (1 - BOUNDARY_RTOL) - EPSILON
-    outward = on_boundary & (inner > 0)
-    return u - jnp.where(outward, _safe_ratio(inner, sumsq), 0) * w
+    norms = jnp.sqrt(sumsq)
+    blocked = (norms >= max_value * (1 - BOUNDARY_RTOL) - EPSILON) & (inner > 0)
+    if min_value is not None:
+        at_min = (norms <= min_value * (1 + BOUNDARY_RTOL) + EPSILON) & (min_value > 0)
+        blocked = blocked | (at_min & (inner < 0))
+    return u - jnp.where(blocked, _safe_ratio(inner, sumsq), 0) * w
 
 
 @_in_compute_dtype
