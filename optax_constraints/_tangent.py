@@ -56,9 +56,9 @@ def tangent(
 
     Where it goes in `optax.chain`: **before the optimizer**,
     `chain(tangent(c), adam(...), project(c))`, it turns gradients into
-    Riemannian gradients (what Riemannian SGD and hyperball Adam use);
-    **just before `project`**, `chain(adam(...), tangent(c), project(c))`,
-    it projects the step itself. `project` stays last either way: the
+    Riemannian gradients (Riemannian SGD); **just before `project`**,
+    `chain(adam(...), tangent(c), project(c))`, it projects the step itself
+    (hyperball Adam; docs/manifolds.md compares the two). `project` stays last either way: the
     tangent step leaves the set by second-order terms, which `project`
     (the retraction) takes back.
 
