@@ -255,7 +255,8 @@ def apply_constraints(
         try:
             out = c.at_step(step)(w)
         except MissingStateError as err:
-            out, _ = c.apply(w.astype(compute_dtype(w.dtype)), _state(r, states, err), step)
+            state_of_leaf = _state(r, states, err)
+            out, _ = c.apply(w.astype(compute_dtype(w.dtype)), state_of_leaf, jnp.asarray(step))
         flat[r.leaf.index] = out.astype(w.dtype)
     return jax.tree.unflatten(treedef, flat)
 
@@ -314,7 +315,7 @@ def constraint_violations(
         try:
             v = jnp.asarray(c.at_step(step).violation(w), w.dtype)
         except MissingStateError as err:
-            projected, _ = c.apply(w, _state(r, states, err), step)
+            projected, _ = c.apply(w, _state(r, states, err), jnp.asarray(step))
             v = jnp.max(jnp.abs(projected - w), initial=0.0)
         if split:
             v = jax.lax.pmax(v, split)

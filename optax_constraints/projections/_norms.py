@@ -100,7 +100,7 @@ def projection(fn: _F) -> _F:
     @functools.wraps(fn)
     def wrapper(w, *args, **kwargs):
         w = as_array(w)
-        if isinstance(w, jax.core.Tracer):
+        if isinstance(w, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
             return run(w, *args, **kwargs)
         arguments = signature.bind(w, *args, **kwargs).arguments
         arguments.pop(next(iter(signature.parameters)))
