@@ -194,8 +194,8 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
         sizes[c is not None] += math.prod(shape)
         dtype = getattr(r.leaf.value, "dtype", type(r.leaf.value).__name__)
         label = "-" if r.label is None else repr(r.label)
-        view = ("-", "-") if c is None else (repr(c), c.describe_leaf(shape))
-        rows.append((r.leaf.path_str, str(shape), str(dtype), label, *view))
+        shown, view = ("-", "-") if c is None else (repr(c), c.describe_leaf(shape))
+        rows.append((r.leaf.path_str, str(shape), str(dtype), label, shown, view))
     constrained = sum(r.constraint is not None for r in routes)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
