@@ -1,16 +1,7 @@
 """Constraints declared where the model is defined, as Keras's `kernel_constraint=`.
 
-Three places can carry a constraint: a Flax NNX `Variable`'s `constraint`
-metadata, a Linen param made by an `oc.with_constraint(init_fn, c)`
-initializer (an `AxisMetadata` box, like `nn.with_partitioning`'s), and a
-Keras variable's `.constraint`. `declared` reads them into the
-`(constraints, param_labels)` pair that `project` takes, labelling each
-constrained leaf by its path *with the wrappers removed*, so one pair fits the
-wrapped tree and the plain tree of arrays. Stacking transforms (Linen
-`nn.scan`/`nn.vmap`, NNX ones through `constraint_metadata`'s hooks) turn a
-declared constraint into `oc.Stacked(c, stack_axis=index)`.
-
-Flax and Keras are imported lazily, only when their objects are met.
+NNX metadata, Linen `with_constraint` boxes and Keras variables' `.constraint`,
+read by `declared`. Flax and Keras are imported lazily, only when met.
 """
 
 from __future__ import annotations
@@ -308,10 +299,9 @@ class DeclaredLabels:
     """The `param_labels` that `oc.declared` returns: leaf path -> label.
 
     Callable `params -> labels tree`, as `project` and `optax.partition`
-    take it. It labels a leaf by its path with `Param` and box wrappers
-    removed, so it fits the wrapped and the plain tree alike, and raises
-    when a constrained path is missing from `params` (the labels were made
-    for another tree, or the optimizer's `wrt` leaves that leaf out).
+    take it. It matches paths with `Param` and box wrappers removed, and
+    raises when a constrained path is missing from `params` (the labels were
+    made for another tree, or the optimizer's `wrt` leaves that leaf out).
 
     Attributes:
       labels: mapping path (a tuple of key strings) -> label, for every
