@@ -1,27 +1,7 @@
 """Constraints declared where the model is defined, as Keras's `kernel_constraint=`.
 
-Three places can carry a constraint:
-
-* Flax NNX: a `Variable`'s `constraint` metadata
-  (`nnx.Linear(..., kernel_metadata={"constraint": c})`,
-  `nnx.with_metadata(init, constraint=c)`, `nnx.Param(x, constraint=c)`);
-* Flax Linen: a param made by an `oc.with_constraint(init_fn, c)`
-  initializer, an `AxisMetadata` box like `nn.with_partitioning`'s;
-* Keras: a variable's `.constraint` (`Dense(..., kernel_constraint=c)`).
-
-`declared` reads them into the `(constraints, param_labels)` pair that
-`project` and friends take. Each constrained leaf is labelled by its own
-"/"-joined path, and the labels are matched by *path with the wrappers
-removed* (`Param`, boxes), so one pair fits the wrapped tree (`nnx.Optimizer`'s
-`init`, boxed Linen params) and the plain tree of arrays (`nnx.Optimizer`'s
-`update`, `nn.unbox`'s output, `[v.value for v in model.trainable_variables]`).
-
-Stacking transforms keep a declared constraint per layer: a box's
-`add_axis` (Linen `nn.scan`/`nn.vmap`) and the NNX axis hooks that
-`constraint_metadata` installs (`nnx.vmap`/`nnx.scan` with
-`transform_metadata`) wrap it in `oc.Stacked(c, stack_axis=index)`.
-
-Flax and Keras are imported lazily, only when their objects are met.
+NNX metadata, Linen `with_constraint` boxes and Keras variables' `.constraint`,
+read by `declared`. Flax and Keras are imported lazily, only when met.
 """
 
 from __future__ import annotations
@@ -38,6 +18,7 @@ from optax_constraints._labels import (
     GlobRules,
     Path,
     _is_empty,
+    flat_paths,
     is_box,
     is_variable,
     key_name,
@@ -49,15 +30,6 @@ from optax_constraints.constraints._registry import as_constraint
 
 PyTree = Any
 
-DECLARE_HELP = (
-    "Declare constraints with nnx.Linear(..., kernel_metadata={'constraint': c})"
-    " (NNX), kernel_init=oc.with_constraint(init, c) (Linen) or"
-    " Dense(..., kernel_constraint=c) (Keras)."
-)
-
-
-# --- recognising framework objects without importing the frameworks ---------
-
 
 def _is_keras_variable(x) -> bool:
     return type(x).__module__.startswith("keras") and hasattr(x, "constraint")
@@ -68,9 +40,24 @@ def _is_stop(x) -> bool:
     return _is_empty(x) or is_variable(x) or is_box(x) or _is_keras_variable(x)
 
 
-def _flat(tree: PyTree) -> list[tuple[Path, Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stop)
-    return [(tuple(key_name(e) for e in path), x) for path, x in flat]
+def _checked_constraint(obj, where: str):
+    try:
+        constraint = as_constraint(obj)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{where}: {err}") from None
+    if constraint is None:
+        raise TypeError(f"{where}: the constraint is None, which constrains nothing.")
+    return constraint
+
+
+def _unstack(constraint, index: int, what: str):
+    if isinstance(constraint, C.Stacked) and constraint.stack_axis == index:
+        return constraint.constraint
+    raise ValueError(
+        f"A transform removes axis {index} from {what}, but its declared constraint"
+        f" {constraint!r} was not stacked along that axis by a transform. Axes must be"
+        " removed in the reverse order they were added (nn.scan / nnx.vmap nest)."
+    )
 
 
 # --- Linen: the with_constraint box -----------------------------------------
@@ -103,24 +90,18 @@ def _box_class():
             return self.replace(value=val)
 
         def add_axis(self, index: int, params: dict) -> ConstraintBox:
-            value = self.value
-            if is_box(value):  # flax's meta.add_axis stops at the outermost box
-                value = value.add_axis(index, params)
-            return self.replace(
-                value=value,
-                constraint=_stack(self.constraint, index),
-                added=self.added + 1,
-            )
+            constraint = C.Stacked(self.constraint, stack_axis=index)
+            return self._moved_axis("add_axis", index, params, constraint, +1)
 
         def remove_axis(self, index: int, params: dict) -> ConstraintBox:
+            constraint = _unstack(self.constraint, index, "the Linen param")
+            return self._moved_axis("remove_axis", index, params, constraint, -1)
+
+        def _moved_axis(self, method, index, params, constraint, added) -> ConstraintBox:
             value = self.value
-            if is_box(value):
-                value = value.remove_axis(index, params)
-            return self.replace(
-                value=value,
-                constraint=_unstack(self.constraint, index, "the Linen param"),
-                added=self.added - 1,
-            )
+            if is_box(value):  # flax's meta.add_axis stops at the outermost box
+                value = getattr(value, method)(index, params)
+            return self.replace(value=value, constraint=constraint, added=self.added + added)
 
         # nn.get_partition_spec / nn.get_sharding stop at the outermost box:
         # answer for a Partitioned box inside (oc.with_constraint outermost).
@@ -149,36 +130,21 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _stack(constraint, index: int):
-    return C.Stacked(constraint, stack_axis=index)
-
-
-def _unstack(constraint, index: int, what: str):
-    if isinstance(constraint, C.Stacked) and constraint.stack_axis == index:
-        return constraint.constraint
-    raise ValueError(
-        f"A transform removes axis {index} from {what}, but its declared constraint"
-        f" {constraint!r} was not stacked along that axis by a transform. Axes must be"
-        " removed in the reverse order they were added (nn.scan / nnx.vmap nest)."
-    )
-
-
 def with_constraint(init_fn: Callable, constraint) -> Callable:
     """Wraps a Linen initializer so that its param carries `constraint`.
 
     The Linen counterpart of Keras's `Dense(..., kernel_constraint=c)`: the
     param is created inside a `flax.core.meta.AxisMetadata` box (the
     mechanism `nn.with_partitioning` uses) that holds the constraint.
-    `oc.declared(params)` reads it; the model sees the plain array
-    (`Module.param` unboxes), and `nn.unbox(params)` removes the box. Under
-    `nn.scan` / `nn.vmap` the box learns each stacking axis (`add_axis`) and
-    the constraint becomes per-layer, `oc.Stacked(constraint, stack_axis=i)`.
+    `oc.declared(params)` reads it; the model sees the plain array, and
+    `nn.unbox(params)` removes the box. Under `nn.scan` / `nn.vmap` the
+    constraint becomes per-layer, `oc.Stacked(constraint, stack_axis=i)`.
 
-    It composes with `nn.with_partitioning` on the same param when it is
-    the *outer* wrapper, `oc.with_constraint(nn.with_partitioning(init,
-    names), c)`: flax's `Partitioned` box does not pass `add_axis` on to a
-    box inside it, so under `nn.scan` the other order would lose the
-    stacking; `declared` then raises, asking for this order.
+    With `nn.with_partitioning` on the same param, make this the *outer*
+    wrapper, `oc.with_constraint(nn.with_partitioning(init, names), c)`:
+    flax's `Partitioned` box does not pass `add_axis` on to a box inside it,
+    so under `nn.scan` the other order would lose the stacking (`declared`
+    then raises, asking for this order).
 
     Args:
       init_fn: a Flax initializer `(key, shape, dtype) -> array` (or one that
@@ -218,26 +184,15 @@ def with_constraint(init_fn: Callable, constraint) -> Callable:
     return init
 
 
-def _checked_constraint(obj, where: str):
-    try:
-        constraint = as_constraint(obj)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{where}: {err}") from None
-    if constraint is None:
-        raise TypeError(f"{where}: the constraint is None, which constrains nothing.")
-    return constraint
-
-
 # --- NNX: the axis hooks ------------------------------------------------------
 
 
 def _nnx_on_add_axis(variable, index: int, axis_name) -> None:
-    del axis_name
-    variable.set_metadata(constraint=_stack(variable.get_metadata("constraint"), index))
+    stacked = C.Stacked(variable.get_metadata("constraint"), stack_axis=index)
+    variable.set_metadata(constraint=stacked)
 
 
 def _nnx_on_remove_axis(variable, index: int, axis_name) -> None:
-    del axis_name
     constraint = variable.get_metadata("constraint")
     variable.set_metadata(constraint=_unstack(constraint, index, "an NNX variable"))
 
@@ -245,15 +200,13 @@ def _nnx_on_remove_axis(variable, index: int, axis_name) -> None:
 def constraint_metadata(constraint) -> dict[str, Any]:
     """NNX `Variable` metadata declaring `constraint`, kept per layer when stacked.
 
-    `nnx.Linear(..., kernel_metadata={"constraint": c})` declares `c` on the
-    kernel; this dict does the same and also installs the `on_add_axis` /
-    `on_remove_axis` hooks through which `nnx.vmap` / `nnx.scan` with
-    `transform_metadata={nnx.PARTITION_NAME: ...}` report each axis they add:
-    the constraint becomes `oc.Stacked(c, stack_axis=i)`, one projection per
-    layer. Use it for layers made under such a transform (without the hooks
-    a stacked `(layers, in, out)` kernel would be ONE array to `c`). Flax
-    0.12 warns that Variable hooks are deprecated; they are the only axis
-    hook an `nnx.Param` has.
+    Like `kernel_metadata={"constraint": c}`, and also installs the
+    `on_add_axis` / `on_remove_axis` hooks through which `nnx.vmap` /
+    `nnx.scan` with `transform_metadata={nnx.PARTITION_NAME: ...}` report each
+    axis they add: the constraint becomes `oc.Stacked(c, stack_axis=i)`, one
+    projection per layer (without the hooks a stacked `(layers, in, out)`
+    kernel would be ONE array to `c`). Flax 0.12 warns that Variable hooks are
+    deprecated; they are the only axis hook an `nnx.Param` has.
 
     Args:
       constraint: anything `oc.get` accepts.
@@ -289,15 +242,12 @@ def constraint_metadata(constraint) -> dict[str, Any]:
 
 def _declared_on(x, path: Path):
     """The constraint a wrapped leaf declares (None when it declares nothing)."""
-    where = (
-        f"declared: the constraint on the parameter at '{path_to_str(path)}' (shape {shape_of(x)})"
-    )
-    if is_variable(x):
-        found = x.get_metadata("constraint", None)
-        return None if found is None else _checked_constraint(found, where)
-    if _is_keras_variable(x):
-        found = x.constraint
-        return None if found is None else _checked_constraint(found, where)
+    if is_variable(x) or _is_keras_variable(x):
+        found = x.get_metadata("constraint", None) if is_variable(x) else x.constraint
+        if found is None:
+            return None
+        at = f"the parameter at '{path_to_str(path)}' (shape {shape_of(x)})"
+        return _checked_constraint(found, f"declared: the constraint on {at}")
     ours, box = [], x
     while is_box(box):
         if type(box) is _box_class():
@@ -310,65 +260,48 @@ def _declared_on(x, path: Path):
         )
     if not ours:
         return None
-    (inner,) = ours
-    if len(shape_of(x)) != inner.ndim + inner.added:
+    if len(shape_of(x)) != ours[0].ndim + ours[0].added:
         raise ValueError(
             f"declared: the parameter at '{path_to_str(path)}' (shape {shape_of(x)}) was created"
-            f" with {inner.ndim} dimension(s), and a transform"
+            f" with {ours[0].ndim} dimension(s), and a transform"
             " (nn.scan / nn.vmap) added an axis that its oc.with_constraint box never saw:"
             " a box outside it (nn.with_partitioning's Partitioned) does not pass"
             " add_axis on. Put oc.with_constraint outermost:"
             " oc.with_constraint(nn.with_partitioning(init, names), c)."
         )
-    return inner.constraint
-
-
-def _keras_names(variables) -> list[str]:
-    names, seen = [], {}
-    for i, v in enumerate(variables):
-        name = str(getattr(v, "path", None) or getattr(v, "name", None) or i)
-        if name in seen:  # two variables with one path: keep both labels apart
-            name = f"{name}#{i}"
-        seen[name] = i
-        names.append(name)
-    return names
+    return ours[0].constraint
 
 
 def _entries(tree) -> list[tuple[Path, str, Any, Any]]:
-    """`(path, name, wrapped leaf, declared constraint)` for every leaf of `tree`."""
+    """`(path, name, wrapped leaf, declared constraint)` for every non-empty leaf of `tree`."""
+    nnx = sys.modules.get("flax.nnx")  # an nnx.Module exists only once flax.nnx is imported
     if type(tree).__module__.startswith("keras") and hasattr(tree, "trainable_variables"):
         tree = list(tree.trainable_variables)  # a Keras layer or model
-    elif _is_nnx_module(tree):
-        from flax import nnx
-
+    elif nnx is not None and isinstance(tree, nnx.Module):
         tree = nnx.state(tree)
     if isinstance(tree, (list, tuple)) and tree and all(map(_is_keras_variable, tree)):
-        out = []
-        for i, (v, name) in enumerate(zip(tree, _keras_names(tree), strict=True)):
+        out, seen = [], set()
+        for i, v in enumerate(tree):
+            name = str(getattr(v, "path", None) or getattr(v, "name", None) or i)
+            if name in seen:  # two variables with one path: keep both labels apart
+                name = f"{name}#{i}"
+            seen.add(name)
             out.append(((str(i),), name, v, _declared_on(v, (name,))))
         return out
     return [
-        (path, path_to_str(path), x, None if _is_empty(x) else _declared_on(x, path))
-        for path, x in _flat(tree)
+        (path, path_to_str(path), x, _declared_on(x, path))
+        for path, x in flat_paths(tree, _is_stop)
+        if not _is_empty(x)
     ]
-
-
-def _is_nnx_module(x) -> bool:
-    if "flax.nnx" not in sys.modules:
-        return False
-    from flax import nnx
-
-    return isinstance(x, nnx.Module)
 
 
 class DeclaredLabels:
     """The `param_labels` that `oc.declared` returns: leaf path -> label.
 
     Callable `params -> labels tree`, as `project` and `optax.partition`
-    take it. It labels a leaf by its path with `Param` and box wrappers
-    removed, so it fits the wrapped and the plain tree alike, and raises
-    when a constrained path is missing from `params` (the labels were made
-    for another tree, or the optimizer's `wrt` leaves that leaf out).
+    take it. It matches paths with `Param` and box wrappers removed, and
+    raises when a constrained path is missing from `params` (the labels were
+    made for another tree, or the optimizer's `wrt` leaves that leaf out).
 
     Attributes:
       labels: mapping path (a tuple of key strings) -> label, for every
@@ -396,9 +329,9 @@ class DeclaredLabels:
             return x if _is_empty(x) else self.labels.get(spath)
 
         labels = jax.tree_util.tree_map_with_path(label_of, params, is_leaf=_is_stop)
-        if len(seen) < len(self.labels):
-            missing = [p for p in self.labels if p not in seen]
-            found = [path_to_str(p) for p, _ in _flat(params)]
+        missing = [p for p in self.labels if p not in seen]
+        if missing:
+            found = [path_to_str(p) for p, _ in flat_paths(params, _is_stop)]
             raise ValueError(
                 f"oc.declared: the parameter at '{path_to_str(missing[0])}' declares a"
                 f" constraint, but the params given have no leaf there"
@@ -412,9 +345,6 @@ class DeclaredLabels:
 
     def __repr__(self):
         return f"DeclaredLabels({len(self.labels)} constrained leaves)"
-
-
-PREFER = (None, "declared", "rules")
 
 
 def declared(
@@ -431,48 +361,37 @@ def declared(
 
     * an `nnx.Module` or `nnx.State` whose variables carry `constraint`
       metadata: `nnx.Linear(..., kernel_metadata={"constraint": c})` (also
-      `bias_metadata`, `embedding_metadata`, ...), `nnx.with_metadata(init,
-      constraint=c)`, `nnx.Param(x, constraint=c)`, `oc.constraint_metadata(c)`
-      (for layers stacked by `nnx.vmap`/`nnx.scan`);
-    * Linen params (boxed, as `init` returns them) whose params were made by
+      `bias_metadata`, ...), `nnx.with_metadata(init, constraint=c)`,
+      `nnx.Param(x, constraint=c)`, `oc.constraint_metadata(c)` (for layers
+      stacked by `nnx.vmap`/`nnx.scan`);
+    * Linen params (boxed, as `init` returns them) made by
       `oc.with_constraint(init_fn, c)`;
-    * a list or tuple of Keras variables (`model.trainable_variables`), or a
-      Keras model or layer: each variable's `.constraint`, for a Keras model
-      trained by a JAX/Optax loop on `[v.value for v in
+    * a Keras model or layer, or a list of Keras variables
+      (`model.trainable_variables`): each variable's `.constraint`, for a
+      Keras model trained by a JAX/Optax loop on `[v.value for v in
       model.trainable_variables]`.
 
     Each constrained leaf gets its own label, its "/"-joined path (for Keras
-    the variable's `path`, e.g. `"dense/kernel"`), so `constraint_violations`
-    reports per leaf. The labels are matched by path with `Param` and box
-    wrappers removed: they fit the wrapped tree (`nnx.Optimizer`'s `init`,
-    boxed Linen params) and the plain one (its `update`, `nn.unbox`'s
-    output, the list of values). Leaves that declare nothing are
-    unconstrained.
-
-    `rules` adds path rules for leaves that declare nothing, as
-    `label_by_path` writes them but mapping to constraints:
-    `{"**/bias": oc.NonNeg()}`; the first matching rule wins, a rule to
-    `None` exempts the leaves it matches from later rules (a declared
-    constraint stays), and a rule that matches no leaf is an error (a typo).
-    A leaf that declares a constraint *and* gets a different one from a
-    rule is an error naming the leaf, unless `prefer` says which wins.
+    the variable's `path`, e.g. `"dense/kernel"`). The labels are matched by
+    path with `Param` and box wrappers removed: they fit the wrapped tree
+    (`nnx.Optimizer`'s `init`, boxed Linen params) and the plain one (its
+    `update`, `nn.unbox`'s output, the list of values). Leaves that declare
+    nothing are unconstrained.
 
     Args:
       tree: the model, its state or params, or the Keras variables.
-      rules: optional mapping glob -> constraint (anything `oc.get` takes, or
-        `None`), matched against the same paths the labels show.
-      prefer: `"declared"` (a declaration beats a rule), `"rules"` (a rule
-        beats a declaration) or `None` (both on one leaf is an error;
-        equal constraints are not a conflict).
+      rules: optional mapping glob -> constraint (or `None`) for leaves that
+        declare nothing, as `label_by_path` takes them: the first matching
+        rule wins, a rule to `None` exempts the leaves it matches from later
+        rules (a declared constraint stays), and a rule that matches no leaf
+        is an error (a typo).
+      prefer: when a leaf declares a constraint and a rule gives it a
+        different one: `"declared"` (the declaration wins), `"rules"` (the
+        rule wins) or `None` (an error naming the leaf).
 
     Returns:
       `(constraints, param_labels)`: a dict label -> constraint, and a
       `DeclaredLabels` callable.
-
-    Raises:
-      ValueError: a declared constraint `oc.get` cannot read, a conflict
-        between a declaration and a rule, or a rule matching no leaf, each
-        naming the leaf or rule and the fix.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> from flax import nnx
@@ -492,11 +411,11 @@ def declared(
     >>> {label: float(x) < 1e-6 for label, x in v.items()}  # 0 up to float32 rounding
     {'bias': True, 'kernel': True}
     """
-    if prefer not in PREFER:
+    if prefer not in (None, "declared", "rules"):
         raise ValueError(
             f"declared: prefer must be None, 'declared' or 'rules'; got prefer={prefer!r}."
         )
-    entries = [e for e in _entries(tree) if not _is_empty(e[2])]
+    entries = _entries(tree)
     engine = GlobRules(
         dict(rules or {}),
         lambda pattern, c: (
@@ -514,11 +433,10 @@ def declared(
     won = [engine.first(name) for _, name, _, _ in entries]
     for (path, name, x, own), rule in zip(entries, won, strict=True):
         chosen = own
-        if rule is not None:
+        # A rule to None only exempts the leaf from later rules.
+        if rule is not None and engine.values[rule] is not None:
             pattern, rule_c = engine.patterns[rule], engine.values[rule]
-            if rule_c is None:
-                pass  # a rule to None only exempts the leaf from later rules
-            elif own is None or prefer == "rules":
+            if own is None or prefer == "rules":
                 chosen = rule_c
             elif prefer is None and own != rule_c:
                 raise ValueError(

@@ -73,7 +73,7 @@ def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = T
         try:
             constraint = constraints[label]
         except (KeyError, TypeError):
-            used = _labels_used(params, param_labels)
+            used = {lb for _, lb in resolve_labels(params, param_labels) if lb is not None}
             missing = {lb for lb in used if lb not in constraints}
             raise ValueError(
                 f"The parameter at '{leaf.path_str}' (shape {shape_of(leaf.value)}) has label"
@@ -86,10 +86,6 @@ def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = T
             _check(leaf, label, constraint)
         routes.append(Route(leaf, label, constraint))
     return routes
-
-
-def _labels_used(params, param_labels) -> set:
-    return {label for _, label in resolve_labels(params, param_labels) if label is not None}
 
 
 def _set(labels) -> str:
@@ -125,9 +121,7 @@ def _check_output_shape(constraint, shape, dtype, where: str) -> None:
     """A user's constraint must map a leaf to an array of the same shape."""
     try:
         out = jax.eval_shape(constraint, jax.ShapeDtypeStruct(shape, dtype))
-    except _TRACING_ERRORS as err:
-        # NumPy on a tracer, or Python control flow on its values: this is
-        # what `jit(tx.update)` would raise, without the leaf or the fix.
+    except _TRACING_ERRORS as err:  # what jit(tx.update) would raise, without leaf or fix
         raise TypeError(
             f"{constraint!r} cannot be traced for {where}: it converts a traced array to"
             f" NumPy ({type(err).__name__}), which fails under jax.jit, where project's"
@@ -157,29 +151,17 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
     """A table of every leaf: path, shape, dtype, label, constraint and its view.
 
     Print it before training, the way you would `model.summary()`, to see that
-    every kernel and bias gets what you meant. Unconstrained leaves are listed
-    too, with `-` as their constraint (and as their label when they have none).
+    every kernel and bias gets what you meant (unconstrained leaves show `-`).
     The `view` column says how the constraint sees the leaf
     (`Constraint.describe_leaf`): norm constraints as units of a size, matrix
-    ones as the matrix they constrain, wrapped in `oc.Stacked` as copies of
-    those. A stacked `(layers, in, out)` kernel under plain
-    `MaxNorm(axis="fan_in")` reads `16 units of 64` for `(4, 16, 16)`: one norm
-    over all layers; `oc.Stacked(...)` makes it `4 x 16 units of 16`.
-    `params` may be concrete arrays or `jax.eval_shape` structs, and any tree
-    `project` accepts (dicts, `FrozenDict`, `nnx.State`, dataclasses, ...).
+    ones as the matrix they constrain, `oc.Stacked` as copies of those.
+    Raises exactly the errors `project`'s `init` raises.
 
     Args:
-      params: the parameter pytree.
+      params: the parameter pytree (arrays or `jax.eval_shape` structs).
       constraints: as for `project`: mapping label -> constraint, or one
         constraint for every leaf.
       param_labels: as for `project`: labels pytree or callable.
-
-    Returns:
-      The table as a string, one row per array leaf in tree order, and a
-      summary line.
-
-    Raises:
-      ValueError: exactly the errors `project`'s `init` raises.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -191,8 +173,8 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
     Dense_0/kernel  (3, 2)  float32  'k'    MaxNorm(max_value=3.0, axis=0)  2 units of 3
     2 leaves, 1 constrained (6 of 8 values)
 
-    Two scanned stacks of 4 layers: the first as one array (a mistake), the
-    second per layer:
+    Two scanned stacks of 4 layers: the first constrained as one array (one
+    norm over all layers, a mistake), the second per layer:
 
     >>> c = oc.MaxNorm(2.0, axis="fan_in")
     >>> params = {"a": {"kernel": jnp.ones((4, 16, 16))}, "b": {"kernel": jnp.ones((4, 16, 16))}}
@@ -206,25 +188,19 @@ def routing_report(params: PyTree, constraints: Constraints, param_labels=None) 
     mapping, labels = normalize(constraints, param_labels)
     routes = route(params, mapping, labels)
     rows = [("path", "shape", "dtype", "label", "constraint", "view")]
-    constrained = total = size_c = 0
+    sizes = {True: 0, False: 0}  # values constrained or not
     for r in routes:
-        shape = shape_of(r.leaf.value)
-        size = math.prod(shape)
-        total += size
-        on = r.constraint is not None
-        constrained += on
-        size_c += size if on else 0
-        rows.append(
-            (
-                r.leaf.path_str,
-                str(shape),
-                str(getattr(r.leaf.value, "dtype", type(r.leaf.value).__name__)),
-                "-" if r.label is None else repr(r.label),
-                repr(r.constraint) if on else "-",
-                r.constraint.describe_leaf(shape) if r.constraint is not None else "-",
-            )
-        )
+        shape, c = shape_of(r.leaf.value), r.constraint
+        sizes[c is not None] += math.prod(shape)
+        dtype = getattr(r.leaf.value, "dtype", type(r.leaf.value).__name__)
+        label = "-" if r.label is None else repr(r.label)
+        shown, view = ("-", "-") if c is None else (repr(c), c.describe_leaf(shape))
+        rows.append((r.leaf.path_str, str(shape), str(dtype), label, shown, view))
+    constrained = sum(r.constraint is not None for r in routes)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append(f"{len(routes)} leaves, {constrained} constrained ({size_c} of {total} values)")
+    total = sizes[True] + sizes[False]
+    lines.append(
+        f"{len(routes)} leaves, {constrained} constrained ({sizes[True]} of {total} values)"
+    )
     return "\n".join(lines)

@@ -25,13 +25,9 @@ _BUILTINS: dict[str, type[Constraint]] = {}
 _CUSTOM: dict[str, type[Constraint]] = {}
 
 
-def _snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 def _add_builtin(cls: type[Constraint]) -> None:
     _BUILTINS[cls.__name__] = cls
-    _BUILTINS[_snake_case(cls.__name__)] = cls
+    _BUILTINS[re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()] = cls  # snake_case
 
 
 def register(package: str = "Custom", name: str | None = None) -> Callable[[_C], _C]:
@@ -64,10 +60,6 @@ def register(package: str = "Custom", name: str | None = None) -> Callable[[_C],
     return decorator
 
 
-def _registered_name(cls) -> str | None:
-    return cls.__dict__.get("_registered_name")
-
-
 def valid_names() -> list[str]:
     """Every name `get` accepts, built-in and registered."""
     return sorted(_BUILTINS) + sorted(_CUSTOM)
@@ -98,15 +90,12 @@ def serialize(constraint: Constraint) -> dict[str, Any]:
             " @oc.register() to make it serializable."
         )
     cls = type(constraint)
-    registered = _registered_name(cls)
-    config = {
-        name: _config_value(constraint, name, value)
-        for name, value in constraint.get_config().items()
-    }
+    registered = cls.__dict__.get("_registered_name")  # not inherited by subclasses
+    config = constraint.get_config()
     return {
         "module": MODULE if registered is None and cls.__name__ in _BUILTINS else cls.__module__,
         "class_name": cls.__name__,
-        "config": config,
+        "config": {name: _config_value(constraint, name, v) for name, v in config.items()},
         "registered_name": registered,
     }
 
@@ -182,13 +171,12 @@ def deserialize(config: dict[str, Any] | str, custom_objects: dict[str, Any] | N
             "oc.deserialize expects a dict with a 'class_name' key (as written by"
             f" oc.serialize or keras.constraints.serialize) or a name; got {config!r}."
         )
-    cls = None
-    if config.get("registered_name"):
-        cls = _lookup(config["registered_name"], custom_objects)
+    registered = config.get("registered_name")
+    cls = _lookup(registered, custom_objects) if registered else None
     if cls is None:
         cls = _lookup(config["class_name"], custom_objects)
     if cls is None:
-        raise _unknown(config.get("registered_name") or config["class_name"])
+        raise _unknown(registered or config["class_name"])
     inner = config.get("config") or {}
     if not isinstance(inner, dict):
         raise ValueError(
@@ -236,11 +224,10 @@ def get(identifier):
             f"Could not interpret constraint identifier: {identifier!r} is not a subclass of"
             f" oc.Constraint. Valid names: {', '.join(valid_names())}."
         )
-    keras_class = type(identifier).__module__.startswith("keras")
-    if keras_class and hasattr(identifier, "get_config"):
-        name = type(identifier).__name__
-        if name in _BUILTINS:
-            return _BUILTINS[name].from_config(identifier.get_config())
+    cls = type(identifier)
+    if cls.__module__.startswith("keras") and cls.__name__ in _BUILTINS:  # a Keras object
+        if hasattr(identifier, "get_config"):
+            return _BUILTINS[cls.__name__].from_config(identifier.get_config())
     if callable(identifier):
         return identifier
     raise ValueError(

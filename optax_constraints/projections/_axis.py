@@ -22,10 +22,8 @@ AXIS_HELP = (
 
 
 def _as_int(value) -> int | None:
-    if isinstance(value, bool):
-        return None
     try:
-        return operator.index(value)
+        return None if isinstance(value, bool) else operator.index(value)
     except TypeError:
         return None
 
@@ -92,12 +90,12 @@ def in_range(axis: int | tuple[int, ...], ndim: int, name: str = "axis") -> tupl
     axes = (axis,) if isinstance(axis, int) else axis
     for a in axes:
         if not -ndim <= a < ndim:
+            if not ndim:
+                hint = "; use axis=None" if name == "axis" else ""
+                raise ValueError(f"{name} {a} is out of range for a 0-d array{hint}")
             raise ValueError(
                 f"{name} {a} is out of range for an array with {ndim} dimension(s)"
                 f" (valid: {-ndim}..{ndim - 1})"
-                if ndim
-                else f"{name} {a} is out of range for a 0-d array"
-                + ("; use axis=None" if name == "axis" else "")
             )
     out = sorted(a % ndim for a in axes)
     if len(set(out)) != len(out):
