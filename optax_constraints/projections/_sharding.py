@@ -15,6 +15,7 @@ sharding again.
 from __future__ import annotations
 
 import jax
+from jax.core import Tracer
 from jax.sharding import NamedSharding, PartitionSpec
 
 
@@ -106,7 +107,7 @@ def on_mesh_of(like: jax.Array, entries: tuple) -> NamedSharding | None:
         return None
     # Outside `jit` the concrete mesh: its devices place operands that live
     # on one device (the abstract mesh in the type names none).
-    concrete = None if isinstance(like, jax.core.Tracer) else getattr(like, "sharding", None)
+    concrete = None if isinstance(like, Tracer) else getattr(like, "sharding", None)
     mesh = concrete.mesh if isinstance(concrete, NamedSharding) else jax.typeof(like).sharding.mesh
     return NamedSharding(mesh, PartitionSpec(*entries))
 
