@@ -102,7 +102,8 @@ class SpectralNorm(Constraint):
     * `method="svd"`: the exact Euclidean projection
       :math:`U \\min(\\Sigma, m) V^\\top` (`projections.spectral_norm_svd`);
       only the singular values above :math:`m` move. Stateless; one SVD per
-      step.
+      step, which gathers a sharded kernel (the power method contracts it
+      where it lies).
 
     Called directly (`constraint(w)`, `oc.apply_constraints`), the power
     method has no state to carry and uses the exact :math:`\\sigma_{\\max}`
@@ -215,12 +216,14 @@ class Orthogonal(Constraint):
     singular value becomes 1, so the layer preserves norms (an isometry onto
     its range), a common constraint for RNNs and Lipschitz networks.
 
-    * `method="svd"` (default): exact, one SVD per step.
+    * `method="svd"` (default): exact, one SVD per step (a sharded kernel is
+      gathered for it).
     * `method="newton_schulz"`: `num_iters` cubic Newton–Schulz iterations
-      (matrix products only, fast on accelerators), converging to the same
-      polar factor. The default 25 iterations reach float32 accuracy even for
-      ill-conditioned square Gaussian kernels; in training the kernel stays
-      near-orthogonal after the first step, where about 5 are enough, and
+      (matrix products only, fast on accelerators, on a sharded kernel where
+      it lies), converging to the same polar factor. The default 25
+      iterations reach float32 accuracy even for ill-conditioned square
+      Gaussian kernels; in training the kernel stays near-orthogonal after
+      the first step, where about 5 are enough, and
       `project` stops there by itself (at most `num_iters`; measured figures
       in `projections.orthogonal_newton_schulz`).
 

@@ -176,7 +176,9 @@ def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> ja
     norm) whose largest singular value is at most :math:`m`. Singular values
     below `m` are untouched; a kernel already inside the ball is returned bit
     for bit. Cost: one thin SVD, :math:`O(\\text{fan\\_in} \\cdot \\text{out}
-    \\cdot \\min(\\text{fan\\_in}, \\text{out}))`.
+    \\cdot \\min(\\text{fan\\_in}, \\text{out}))`. The SVD needs the whole
+    matrix: a kernel sharded over a mesh is gathered (this one kernel, inside
+    the projection) and the result is laid out like the input again.
 
     Args:
       w: kernel with at least 2 dimensions (see the module docstring).
@@ -215,7 +217,8 @@ def orthogonal_svd(w: jax.Array) -> jax.Array:
     rows (when `fan_in < out`). The set is not convex; for a rank-deficient
     `W` the nearest point is not unique and the SVD's choice is returned (still
     semi-orthogonal); the derivative there is taken as 0 in the undetermined
-    directions.
+    directions. Like `spectral_norm_svd`, it gathers a sharded kernel;
+    `orthogonal_newton_schulz` does not.
 
     Args:
       w: kernel with at least 2 dimensions.
