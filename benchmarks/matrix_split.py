@@ -1,6 +1,6 @@
 """Many same-shape matrix leaves: every device projects all of them, or its share?
 
-    python -m benchmarks.matrix_split [--quick] [--rounds N]
+    python -m benchmarks.matrix_split [--quick] [--rounds N] [--leaves N] [--size S]
 
 A transformer has a dozen same-shape kernels (12 blocks' `(512, 512)`
 projections). Projected leaf by leaf, a replicated kernel is projected by
@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 leaves of (64, 64), 3 rounds")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--leaves", type=int, default=None, help="number of leaves")
+    parser.add_argument("--size", type=int, default=None, help="each leaf is (size, size)")
     args = parser.parse_args(argv)
     if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
@@ -172,7 +174,8 @@ def main(argv=None) -> int:
 
     if len(jax.devices()) != DEVICES:
         return _relaunch(argv)
-    num_leaves, shape = (8, (64, 64)) if args.quick else (12, (512, 512))
+    num_leaves, size = (8, 64) if args.quick else (12, 512)
+    num_leaves, shape = args.leaves or num_leaves, (args.size or size,) * 2
     rounds = args.rounds or (3 if args.quick else 7)
     print(
         f"{num_leaves} leaves of {shape}, float32, {DEVICES} simulated CPU devices,"
