@@ -16,6 +16,8 @@ default since JAX 0.7), inside `jax.set_mesh` and without it.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from helpers import EPS32, run_on_devices
 
@@ -338,7 +340,9 @@ def test_a_stack_sharded_within_copies_too_gathers_each_copy_only():
         assert leaf["same_sharding"], name
         # One step: one projection's roundings (ROUNDINGS above).
         assert leaf["per_copy_diff"] <= ROUNDINGS[name] * EPS32 * leaf["scale"], (name, leaf)
-    # Each device gathers its own layer's (64, 32) copy over "model", never
-    # the stack of 4.
-    assert report["gathers"], "a matrix constraint needs the whole copy"
-    assert all(shape == [1, 64, 32] for shape in report["gathers"]), report["gathers"]
+    # Each device gathers at most its own layer's (64, 32) copy over "model"
+    # (Newton–Schulz's Gram pairs every column; the power method gathers only
+    # its vector), never the stack of 4.
+    assert [1, 64, 32] in report["gathers"], "Newton–Schulz needs every column of a copy"
+    for shape in report["gathers"]:
+        assert shape[0] == 1 and math.prod(shape) <= 64 * 32, report["gathers"]

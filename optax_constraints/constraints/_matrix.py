@@ -3,6 +3,9 @@
 Both see a kernel `(*fan_in_axes, out)` as the `(fan_in, out)` matrix
 `(prod(shape[:-1]), shape[-1])` (see `optax_constraints.projections.matrix_view`)
 and reject leaves with fewer than 2 dimensions when `project` is initialised.
+The power method and Newton–Schulz contract the kernel in place, so a
+sharded kernel stays sharded; the SVDs (`method="svd"`, and the exact
+`sigma_max` of direct calls and `violation`) gather the one kernel.
 """
 
 # Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 from optax_constraints import projections as P
 from optax_constraints._typing import HyperParam, OrthogonalMethod, SpectralMethod
 from optax_constraints.constraints._base import Constraint, check_number
+from optax_constraints.projections._matrix import check_iters, gram
 
 
 def _check_method(owner, method, methods):
@@ -27,11 +31,6 @@ def _check_method(owner, method, methods):
             f"{owner}: method must be one of {', '.join(map(repr, methods))}; got"
             f" method={method!r}."
         )
-
-
-def _check_iters(owner, num_iters):
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"{owner}: num_iters must be an int >= 1; got num_iters={num_iters!r}.")
 
 
 def _check_matrix(owner, shape):
@@ -44,9 +43,13 @@ def _check_matrix(owner, shape):
         )
 
 
-def _matrix(w):
+def _computed(w):
     w = jnp.asarray(w)
-    return P.matrix_view(w.astype(P.compute_dtype(w.dtype)))
+    return w.astype(P.compute_dtype(w.dtype))
+
+
+def _matrix(w):
+    return P.matrix_view(_computed(w))
 
 
 def _describe_matrix(shape):
@@ -99,7 +102,8 @@ class SpectralNorm(Constraint):
     * `method="svd"`: the exact Euclidean projection
       :math:`U \\min(\\Sigma, m) V^\\top` (`projections.spectral_norm_svd`);
       only the singular values above :math:`m` move. Stateless; one SVD per
-      step.
+      step, which gathers a sharded kernel (the power method contracts it
+      where it lies).
 
     Called directly (`constraint(w)`, `oc.apply_constraints`), the power
     method has no state to carry and uses the exact :math:`\\sigma_{\\max}`
@@ -142,14 +146,10 @@ class SpectralNorm(Constraint):
     ):
         check_number("max_value", max_value, low=0, owner="SpectralNorm")
         _check_method("SpectralNorm", method, self.methods)
-        _check_iters("SpectralNorm", num_iters)
-        if max_iters is not None and (
-            isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < num_iters
-        ):
-            raise ValueError(
-                "SpectralNorm: max_iters must be an int >= num_iters (or None for"
-                f" max(num_iters, {P.POWER_MAX_ITERS})); got num_iters={num_iters!r},"
-                f" max_iters={max_iters!r}."
+        check_iters("num_iters", num_iters, 1, owner="SpectralNorm")
+        if max_iters is not None:
+            check_iters(
+                "max_iters", max_iters, num_iters, owner="SpectralNorm", low_name="num_iters"
             )
         self.max_value = max_value
         self.method = method
@@ -183,11 +183,11 @@ class SpectralNorm(Constraint):
         """The power-iteration vector `u` (shape `(out,)`); `None` for `"svd"`."""
         if self.method != "power":
             return None
-        w2d = _matrix(w)
-        u = jax.random.normal(jax.random.PRNGKey(0), (w2d.shape[1],), w2d.dtype)
+        w = _computed(w)
+        u = jax.random.normal(jax.random.PRNGKey(0), (w.shape[-1],), w.dtype)
         iters = max(self.warm_start_iters, self._max_iters())
         _, u, _, _ = P.power_iteration_until_settled(
-            w2d, u / jnp.linalg.norm(u), self.warm_start_iters, iters
+            w, u / jnp.linalg.norm(u), self.warm_start_iters, iters
         )
         return u
 
@@ -195,9 +195,8 @@ class SpectralNorm(Constraint):
         c = self.at_step(step)
         if self.method != "power":
             return P.spectral_norm_svd(w, c.max_value), state
-        w2d = _matrix(w)
         sigma, u, _, _ = P.power_iteration_until_settled(
-            w2d, jax.lax.stop_gradient(state), self.num_iters, self._max_iters()
+            _computed(w), jax.lax.stop_gradient(state), self.num_iters, self._max_iters()
         )
         return P.spectral_rescale(w, c.max_value, sigma), u
 
@@ -217,12 +216,14 @@ class Orthogonal(Constraint):
     singular value becomes 1, so the layer preserves norms (an isometry onto
     its range), a common constraint for RNNs and Lipschitz networks.
 
-    * `method="svd"` (default): exact, one SVD per step.
+    * `method="svd"` (default): exact, one SVD per step (a sharded kernel is
+      gathered for it).
     * `method="newton_schulz"`: `num_iters` cubic Newton–Schulz iterations
-      (matrix products only, fast on accelerators), converging to the same
-      polar factor. The default 25 iterations reach float32 accuracy even for
-      ill-conditioned square Gaussian kernels; in training the kernel stays
-      near-orthogonal after the first step, where about 5 are enough, and
+      (matrix products only, fast on accelerators, on a sharded kernel where
+      it lies), converging to the same polar factor. The default 25
+      iterations reach float32 accuracy even for ill-conditioned square
+      Gaussian kernels; in training the kernel stays near-orthogonal after
+      the first step, where about 5 are enough, and
       `project` stops there by itself (at most `num_iters`; measured figures
       in `projections.orthogonal_newton_schulz`).
 
@@ -253,7 +254,7 @@ class Orthogonal(Constraint):
 
     def __init__(self, method: OrthogonalMethod = "svd", num_iters: int = P.NEWTON_SCHULZ_ITERS):
         _check_method("Orthogonal", method, self.methods)
-        _check_iters("Orthogonal", num_iters)
+        check_iters("num_iters", num_iters, 1, owner="Orthogonal")
         self.method = method
         self.num_iters = num_iters
 
@@ -281,9 +282,8 @@ class Orthogonal(Constraint):
 
     def violation(self, w):
         """`max |G - I|` for the smaller Gram matrix `G` of the `(fan_in, out)` view."""
-        a = _matrix(w)
-        gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
-        return jnp.max(jnp.abs(gram - jnp.eye(gram.shape[0], dtype=gram.dtype)))
+        g, eye = gram(_computed(w))
+        return jnp.max(jnp.abs(g - eye))
 
     def tangent(self, w, u):
         """The Stiefel tangent space at the `(fan_in, out)` view: `U - W sym(WᵀU)`.

@@ -296,7 +296,7 @@ class Stacked(_View):
 
 
 def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
-    """`mapped` run with the mesh axes that shard the stack axes made `Auto`.
+    """`mapped` run with the `Explicit` mesh axes that shard the leaf made `Auto`.
 
     `jax.vmap` over an axis sharded on an `Explicit` mesh axis puts that
     axis in the type of everything it batches. Its rule for a loop
@@ -306,16 +306,20 @@ def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
     without a mesh: JAX 0.10 then fails to trace ("Resource axis: layers
     ... not found in mesh: ()"). SpectralNorm's power method,
     Newton-Schulz with `stop_early` and the simplex threshold all loop
-    like that, and so may any custom constraint. With those mesh axes
-    `Auto` inside (`jax.sharding.auto_axes`), the stack is typed unsharded,
-    the compiler keeps each copy on the devices that hold it (as on an
-    `Auto` mesh), and the outputs get their shardings back: the leaf's
-    for leaf outputs, the stack axes' for per-copy ones (states).
+    like that, and so may any custom constraint. A batched `lax.cond`
+    (Newton-Schulz's early stop) becomes a `select` whose predicate JAX
+    0.10 broadcasts unsharded, which fails against a carry sharded over a
+    copy's own axes ("select `which` must be scalar or have the same
+    sharding as cases"). With those mesh axes `Auto` inside
+    (`jax.sharding.auto_axes`), the stack is typed unsharded, the compiler
+    keeps each copy on the devices that hold it (as on an `Auto` mesh), and
+    the outputs get their shardings back: the leaf's for leaf outputs, the
+    stack axes' for per-copy ones (states).
     """
 
     def run(*args) -> Any:
         leaf = args[in_kinds.index("leaf")]
-        axes = explicit_mesh_axes(leaf, stacked)
+        axes = explicit_mesh_axes(leaf, tuple(range(leaf.ndim)))
         if not axes:
             return mapped(*args)
         sharding = jax.typeof(leaf).sharding

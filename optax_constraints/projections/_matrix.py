@@ -7,6 +7,13 @@ the output units. That is the matrix the layer multiplies by, so its singular
 values are the layer's gains. Arrays with fewer than 2 dimensions have no such
 view and raise `ValueError` (route biases and norm scales elsewhere).
 
+Power iteration and Newton–Schulz only multiply by that matrix, so they
+contract the kernel over its fan-in axes in place (`jnp.tensordot`, never a
+reshape): a kernel sharded over a mesh stays sharded, and only vectors and
+partial products travel (docs/multihost.md). The SVD-based projections need
+the matrix itself and gather the one kernel they project when its type
+shards it (`Explicit` mesh axes).
+
 bfloat16 and float16 inputs are computed in float32 and cast back.
 
 Gradients through the SVD-based projections use the divided-difference
@@ -25,20 +32,35 @@ import jax
 import jax.numpy as jnp
 
 from optax_constraints.projections._norms import projection
-from optax_constraints.projections._sharding import gathered, sharded_like
+from optax_constraints.projections._sharding import (
+    explicit_spec,
+    gathered,
+    laid_out,
+    on_mesh_of,
+    sharded_like,
+)
 
 
-def matrix_view(w: jax.Array) -> jax.Array:
-    """`w` reshaped to `(fan_in, out) = (prod(shape[:-1]), shape[-1])`.
+def check_iters(name: str, value, low: int, *, owner: str = "", low_name: str = "") -> None:
+    """Raises `ValueError` unless `value` is a Python int (not a bool) `>= low`.
 
-    Raises `ValueError` for arrays with fewer than 2 dimensions. A kernel
-    sharded over `Explicit` mesh axes is gathered first (the view has no
-    sharding JAX can express); `Auto` axes are the compiler's business.
+    Every iteration count of the matrix projections and constraints is
+    checked here; `owner` prefixes the message, `low_name` names the bound
+    when it is another argument.
 
-    >>> import jax.numpy as jnp
-    >>> matrix_view(jnp.zeros((3, 3, 4, 8))).shape
-    (36, 8)
+    >>> check_iters("num_iters", 3, 1)
+    >>> check_iters("num_iters", 0, 1, owner="Orthogonal")
+    Traceback (most recent call last):
+    ValueError: Orthogonal: num_iters must be an int >= 1; got num_iters=0.
     """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        where = f"{owner}: " if owner else ""
+        raise ValueError(
+            f"{where}{name} must be an int >= {low_name or low}; got {name}={value!r}."
+        )
+
+
+def _kernel(w) -> jax.Array:
     w = jnp.asarray(w)
     if w.ndim < 2:
         raise ValueError(
@@ -47,6 +69,22 @@ def matrix_view(w: jax.Array) -> jax.Array:
             f" {tuple(w.shape)}. Leave 1-D leaves (biases, norm scales) unconstrained or"
             " give them an elementwise or norm constraint"
         )
+    return w
+
+
+def matrix_view(w: jax.Array) -> jax.Array:
+    """`w` reshaped to `(fan_in, out) = (prod(shape[:-1]), shape[-1])`.
+
+    Raises `ValueError` for arrays with fewer than 2 dimensions. A kernel
+    sharded over `Explicit` mesh axes is gathered first (the view has no
+    sharding JAX can express); `Auto` axes are the compiler's business.
+    Only the SVD-based projections use it.
+
+    >>> import jax.numpy as jnp
+    >>> matrix_view(jnp.zeros((3, 3, 4, 8))).shape
+    (36, 8)
+    """
+    w = _kernel(w)
     return gathered(w).reshape((math.prod(w.shape[:-1]), w.shape[-1]))
 
 
@@ -58,7 +96,7 @@ def _tall(fn):
 
     @functools.wraps(fn)
     def wrapper(w, *args, **kwargs):
-        w = jnp.asarray(w)
+        w = _kernel(w)
         a = matrix_view(w)
         wide = a.shape[0] < a.shape[1]
         out = fn(a.T if wide else a, *args, **kwargs)
@@ -138,7 +176,9 @@ def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> ja
     norm) whose largest singular value is at most :math:`m`. Singular values
     below `m` are untouched; a kernel already inside the ball is returned bit
     for bit. Cost: one thin SVD, :math:`O(\\text{fan\\_in} \\cdot \\text{out}
-    \\cdot \\min(\\text{fan\\_in}, \\text{out}))`.
+    \\cdot \\min(\\text{fan\\_in}, \\text{out}))`. The SVD needs the whole
+    matrix: a kernel sharded over a mesh is gathered (this one kernel, inside
+    the projection) and the result is laid out like the input again.
 
     Args:
       w: kernel with at least 2 dimensions (see the module docstring).
@@ -177,7 +217,8 @@ def orthogonal_svd(w: jax.Array) -> jax.Array:
     rows (when `fan_in < out`). The set is not convex; for a rank-deficient
     `W` the nearest point is not unique and the SVD's choice is returned (still
     semi-orthogonal); the derivative there is taken as 0 in the undetermined
-    directions.
+    directions. Like `spectral_norm_svd`, it gathers a sharded kernel;
+    `orthogonal_newton_schulz` does not.
 
     Args:
       w: kernel with at least 2 dimensions.
@@ -283,9 +324,9 @@ def orthogonal_newton_schulz(
       Björck & Bowie, An iterative algorithm for computing the best estimate
       of an orthogonal matrix, SIAM J. Numer. Anal. 8(2), 1971.
     """
-    if not (isinstance(num_iters, int) and not isinstance(num_iters, bool) and num_iters >= 0):
-        raise ValueError(f"num_iters must be a Python int >= 0; got num_iters={num_iters!r}.")
-    return _newton_schulz(w, num_iters, bool(stop_early))
+    check_iters("num_iters", num_iters, 0)
+    w = _kernel(w)
+    return sharded_like(_newton_schulz(w, num_iters, bool(stop_early)), w)
 
 
 SETTLED = 1e-3
@@ -295,7 +336,65 @@ FINAL_ITERS = 3
 """Iterations after `SETTLED`: 1e-3 -> 1e-6 -> 1e-12 -> below float32 resolution."""
 
 
-@_tall
+def gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The Gram matrix of the smaller side of `x`'s `(fan_in, out)` view, and its identity.
+
+    `W^T W` (shape `(out, out)`) when `fan_in >= out`, else `W W^T` (shape
+    `(*fan_in_axes, *fan_in_axes)`), contracted over the other side's axes of
+    the kernel itself. A kernel sharded over `Explicit` mesh axes is gathered
+    only over those that split the smaller side (the Gram pairs each of its
+    indices with every other); the contracted side stays split and its
+    partial products are summed. The result's first half of axes is whole,
+    its second half split like `x`'s smaller side.
+
+    >>> import jax.numpy as jnp
+    >>> g, eye = gram(jnp.ones((3, 3, 2, 4)))
+    >>> g.shape, eye.shape
+    ((4, 4), (4, 4))
+    """
+    x = _kernel(x)
+    layout = _Layout(x)
+    g = layout.gram(x, layout.whole_short(x))
+    return g, jnp.eye(math.isqrt(g.size), dtype=g.dtype).reshape(g.shape)
+
+
+class _Layout:
+    """Which side of a kernel a Gram matrix keeps, and where each product lives.
+
+    `long` are the axes summed over (the larger side of the `(fan_in, out)`
+    view), `short` the axes kept. `spec` is the kernel's `PartitionSpec`
+    entries (all `None` unless its type shards it).
+    """
+
+    def __init__(self, x):
+        k = x.ndim - 1
+        fan = tuple(range(k))
+        tall = math.prod(x.shape[:-1]) >= x.shape[-1]
+        self.long, self.short = (fan, (k,)) if tall else ((k,), fan)
+        self.tall = tall
+        self.like = x
+        self.spec = explicit_spec(x) or (None,) * x.ndim
+        self.half = tuple(range(len(self.short)))
+
+    def whole_short(self, x):
+        """`x` gathered over the mesh axes that split its short side (if any)."""
+        entries = tuple(None if a in self.short else e for a, e in enumerate(self.spec))
+        return laid_out(x, self.like, entries)
+
+    def gram(self, x, xs):
+        """`xs^T x` summed over the long axes: first half whole, second split like `x`."""
+        entries = (None,) * len(self.short) + tuple(self.spec[a] for a in self.short)
+        out = on_mesh_of(self.like, entries)
+        return jnp.tensordot(xs, x, (self.long, self.long), out_sharding=out)
+
+    def times(self, xs, m):
+        """`X M` (tall) or `M X` (wide), for a symmetric `M` laid out like a Gram: split like `x`."""
+        out = on_mesh_of(self.like, self.spec)
+        if self.tall:
+            return jnp.tensordot(xs, m, (self.short, self.half), out_sharding=out)
+        return jnp.tensordot(m, xs, (self.half, self.short), out_sharding=out)
+
+
 def _newton_schulz(x, num_iters, stop_early=False):
     # The polar factor ignores scale: dividing by the largest entry first keeps
     # the Gram matrix in range (float32 squares overflow past ~1e19 and flush
@@ -304,24 +403,31 @@ def _newton_schulz(x, num_iters, stop_early=False):
     # free of the 1 / peak**2 term that overflows for tiny kernels).
     peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
     x = x / jnp.where(peak > 0, peak, 1)
-    gram = x.T @ x
-    bound_sq = jnp.minimum(jnp.trace(gram), jnp.max(jnp.sum(jnp.abs(gram), axis=1)))
+    layout = _Layout(x)
+    g, eye = gram(x)
+    # trace(G) is the squared Frobenius norm; G is symmetric, so Gershgorin's
+    # row sums may run over its whole first half of axes.
+    row_sums = jnp.sum(jnp.abs(g), axis=layout.half)
+    bound_sq = jnp.minimum(jnp.sum(x * x), jnp.max(row_sums))
     positive = bound_sq > 0
     # An all-zero kernel stays zero (and its gradient finite).
     x = x * jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, bound_sq, 1)), 0)
-    eye = jnp.eye(x.shape[1], dtype=x.dtype)
 
-    def step(_, x):
-        return x @ (1.5 * eye - 0.5 * (x.T @ x))
+    def iteration(x):
+        # X (1.5 I - G / 2), or (1.5 I - G / 2) X for a wide view: the Gram
+        # of the smaller side, never the larger.
+        xs = layout.whole_short(x)
+        g = layout.gram(x, xs)
+        return layout.times(xs, 1.5 * eye - 0.5 * g), g
 
     if not stop_early:
-        return jax.lax.fori_loop(0, num_iters, step, x)
+        return jax.lax.fori_loop(0, num_iters, lambda _, x: iteration(x)[0], x)
 
     def settling_step(x, left):
-        gram = x.T @ x
-        settled = jnp.max(jnp.abs(gram - eye)) <= SETTLED
+        x_new, g = iteration(x)
+        settled = jnp.max(jnp.abs(g - eye)) <= SETTLED
         left = jnp.where(settled, jnp.minimum(left, FINAL_ITERS), left)
-        return x @ (1.5 * eye - 0.5 * gram), left - 1
+        return x_new, left - 1
 
     def maybe_step(_, carry):
         # A `cond` in a fixed-length loop rather than a `while_loop`: the
@@ -345,6 +451,47 @@ def _normalize(x, fallback):
     return jnp.where(positive, x * jax.lax.rsqrt(jnp.where(positive, sumsq, 1)), fallback)
 
 
+class _Products:
+    """Products of a kernel's `(fan_in, out)` view with vectors, contracted in place.
+
+    A left vector has the kernel's fan-in shape `shape[:-1]`, a right one
+    `(out,)`. On a kernel whose type shards it, each is laid out like the
+    kernel's axes it multiplies, so the products sum partial products over
+    the mesh and never move the kernel.
+    """
+
+    def __init__(self, w):
+        self.w = w = _kernel(w)
+        spec = explicit_spec(w) or (None,) * w.ndim
+        self.fan = tuple(range(w.ndim - 1))
+        self.left_spec, self.right_spec = spec[:-1], spec[-1:]
+
+    def ones(self, shape, entries):
+        """The normalized all-ones vector of `shape`, laid out as `entries`."""
+        ones = jnp.full(shape, 1 / math.sqrt(max(math.prod(shape), 1)), self.w.dtype)
+        return laid_out(ones, self.w, entries)
+
+    def times(self, u):
+        """`W u`: a left vector."""
+        out = on_mesh_of(self.w, self.left_spec)
+        return jnp.tensordot(self.w, u, 1, out_sharding=out)
+
+    def transposed_times(self, v):
+        """`W^T v`: a right vector."""
+        out = on_mesh_of(self.w, self.right_spec)
+        return jnp.tensordot(v, self.w, (self.fan, self.fan), out_sharding=out)
+
+    def dot(self, v, y):
+        """`v . y` for two left vectors."""
+        return jnp.tensordot(v, y, len(self.fan), out_sharding=on_mesh_of(self.w, ()))
+
+    def start(self, u):
+        """`u` (any layout) as a right vector, and how to give a result `u`'s layout back."""
+        u = jnp.asarray(u, self.w.dtype)
+        spec = explicit_spec(u) or (None,)
+        return laid_out(u, self.w, self.right_spec), lambda x: laid_out(x, self.w, spec)
+
+
 def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
     """Estimates the largest singular value of a matrix by power iteration.
 
@@ -362,14 +509,19 @@ def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
     matrix) restarts from the normalized all-ones vector, so `u` never gets
     stuck at 0.
 
+    A kernel `(*fan_in_axes, out)` may be passed as it is: it is contracted
+    over its fan-in axes in place, as its `(fan_in, out)` view would be, and
+    `v` then has the fan-in shape `shape[:-1]`. Sharded kernels stay sharded
+    (module docstring); `u_new` comes back laid out like `u`.
+
     Args:
-      w2d: a 2-D array (use `matrix_view` on kernels).
+      w2d: a matrix `(m, n)`, or a kernel with at least 2 dimensions.
       u: current estimate of the top right singular vector, shape `(n,)`.
       num_iters: iterations to run (a Python int >= 1).
 
     Returns:
       `(sigma, u_new, v)`: the estimate, the updated right vector (`(n,)`)
-      and the left vector (`(m,)`).
+      and the left vector (`(m,)`, or `shape[:-1]` for a kernel).
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import power_iteration
@@ -381,21 +533,19 @@ def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
       Miyato, Kataoka, Koyama & Yoshida, Spectral Normalization for Generative
       Adversarial Networks, ICLR 2018 (algorithm 1).
     """
-    if not (isinstance(num_iters, int) and not isinstance(num_iters, bool) and num_iters >= 1):
-        raise ValueError(f"num_iters must be a Python int >= 1; got num_iters={num_iters!r}.")
-    w2d = jnp.asarray(w2d)
-    u = jnp.asarray(u, w2d.dtype)
-    ones_m = jnp.full((w2d.shape[0],), 1 / math.sqrt(max(w2d.shape[0], 1)), w2d.dtype)
-    ones_n = jnp.full((w2d.shape[1],), 1 / math.sqrt(max(w2d.shape[1], 1)), w2d.dtype)
+    check_iters("num_iters", num_iters, 1)
+    w = _Products(w2d)
+    u, as_given = w.start(u)
+    ones_m = w.ones(w.w.shape[:-1], w.left_spec)
+    ones_n = w.ones(w.w.shape[-1:], w.right_spec)
 
     def step(_, carry):
         u, _ = carry
-        v = _normalize(w2d @ u, ones_m)
-        return _normalize(w2d.T @ v, ones_n), v
+        v = _normalize(w.times(u), ones_m)
+        return _normalize(w.transposed_times(v), ones_n), v
 
     u, v = jax.lax.fori_loop(0, num_iters, step, (u, ones_m))
-    sigma = v @ (w2d @ u)
-    return sigma, u, v
+    return w.dot(v, w.times(u)), as_given(u), v
 
 
 POWER_SETTLED = 1e-2
@@ -464,8 +614,10 @@ def power_iteration_until_settled(
     :math:`\\sigma_{\\max}` at convergence (for a simple top singular value),
     so reverse mode works although the loop is a `lax.while_loop`.
 
+    Like `power_iteration`, it takes a kernel as it is (contracted in place).
+
     Args:
-      w2d: a 2-D array (use `matrix_view` on kernels).
+      w2d: a matrix `(m, n)`, or a kernel with at least 2 dimensions.
       u: current estimate of the top right singular vector, shape `(n,)`.
       min_iters: iterations always run (a Python int >= 1).
       max_iters: the most iterations (a Python int >= min_iters).
@@ -486,14 +638,13 @@ def power_iteration_until_settled(
     >>> round(float(sigma), 2), 1 < int(iters) < 100
     (3.0, True)
     """
-    for name, value, low in (("min_iters", min_iters, 1), ("max_iters", max_iters, min_iters)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-            raise ValueError(f"{name} must be a Python int >= {low}; got {name}={value!r}.")
-    w2d = jnp.asarray(w2d)
-    w = jax.lax.stop_gradient(w2d)
-    u = jnp.asarray(u, w.dtype)
-    ones_m = jnp.full((w.shape[0],), 1 / math.sqrt(max(w.shape[0], 1)), w.dtype)
-    ones_n = jnp.full((w.shape[1],), 1 / math.sqrt(max(w.shape[1], 1)), w.dtype)
+    check_iters("min_iters", min_iters, 1)
+    check_iters("max_iters", max_iters, min_iters, low_name="min_iters")
+    differentiable = _Products(w2d)
+    w = _Products(jax.lax.stop_gradient(differentiable.w))
+    u, as_given = w.start(u)
+    ones_m = w.ones(w.w.shape[:-1], w.left_spec)
+    ones_n = w.ones(w.w.shape[-1:], w.right_spec)
 
     def unsettled(carry):
         _, _, iters, settled = carry
@@ -501,10 +652,10 @@ def power_iteration_until_settled(
 
     def one_iteration(carry):
         u, _, iters, _ = carry
-        y = w @ u
+        y = w.times(u)
         v = _normalize(y, ones_m)
-        norm_y = v @ y  # ||W u||, without squaring y
-        z = w.T @ v  # B u / ||W u||
+        norm_y = w.dot(v, y)  # ||W u||, without squaring y
+        z = w.transposed_times(v)  # B u / ||W u||
         # ||B u - rho u|| / rho = ||z - ||Wu|| u|| / ||Wu||. `~(a > b)` also
         # settles a NaN kernel at once instead of iterating max_iters times.
         settled = ~(_norm(z - norm_y * u) > rtol * norm_y)
@@ -512,7 +663,7 @@ def power_iteration_until_settled(
 
     init = (u, ones_m, jnp.zeros([], jnp.int32), jnp.zeros([], bool))
     u, v, iters, _ = jax.lax.while_loop(unsettled, one_iteration, init)
-    return v @ (w2d @ u), u, v, iters
+    return differentiable.dot(v, differentiable.times(u)), as_given(u), v, iters
 
 
 @projection

@@ -1,17 +1,21 @@
-"""Whole-matrix projections on sharded kernels: gather one leaf, put it back.
+"""Matrix projections on sharded kernels: lay out contractions, or gather one leaf.
 
 Norm and elementwise projections need nothing here: their reductions run as
 local partial sums plus an all-reduce of the per-unit sums, on `Explicit`
-and `Auto` mesh axes alike (docs/multihost.md). A matrix projection (SVD,
-Newton-Schulz, power iteration) sees the kernel as one `(fan_in, out)`
-matrix; under `Explicit` axes the reshape to that view has no sharding JAX
-can express, so the leaf is gathered first (only that leaf, only inside the
-projection) and the result is given the input's sharding again.
+and `Auto` mesh axes alike (docs/multihost.md). Power iteration and
+Newton-Schulz contract the kernel over its fan-in axes in place; under
+`Explicit` axes each contraction is told where its result lives
+(`out_sharding`), so the kernel stays sharded. An SVD needs the
+`(fan_in, out)` matrix itself: under `Explicit` axes the reshape to that
+view has no sharding JAX can express, so the leaf is gathered first (only
+that leaf, only inside the projection) and the result is given the input's
+sharding again.
 """
 
 from __future__ import annotations
 
 import jax
+from jax.core import Tracer
 from jax.sharding import NamedSharding, PartitionSpec
 
 
@@ -71,6 +75,52 @@ def explicit_mesh_axes(x: jax.Array, axes: tuple[int, ...]) -> tuple[str, ...]:
     spec = padded_spec(sharding, x.ndim)
     explicit = set(sharding.mesh.explicit_axes)
     return tuple(name for a in axes for name in _mesh_axes(spec[a]) if name in explicit)
+
+
+def explicit_spec(x: jax.Array) -> tuple | None:
+    """`x`'s `PartitionSpec`, one entry per axis, if its type shards it; else `None`.
+
+    Only `Explicit` mesh axes are in an array's type: `None` also when `x`
+    lives on one device or its mesh axes are `Auto`.
+
+    >>> import jax.numpy as jnp
+    >>> explicit_spec(jnp.ones((2, 3))) is None
+    True
+    """
+    sharding = _sharding(x)
+    if sharding is None or not _explicit(sharding):
+        return None
+    return padded_spec(sharding, x.ndim)
+
+
+def on_mesh_of(like: jax.Array, entries: tuple) -> NamedSharding | None:
+    """`entries` as a `NamedSharding` on `like`'s mesh, if `like`'s type shards it; else `None`.
+
+    The `out_sharding=` of a contraction involving `like` (`None` leaves the
+    choice to JAX, as on one device or on `Auto` axes).
+
+    >>> import jax.numpy as jnp
+    >>> on_mesh_of(jnp.ones((2, 3)), (None,)) is None
+    True
+    """
+    if explicit_spec(like) is None:
+        return None
+    # Outside `jit` the concrete mesh: its devices place operands that live
+    # on one device (the abstract mesh in the type names none).
+    concrete = None if isinstance(like, Tracer) else getattr(like, "sharding", None)
+    mesh = concrete.mesh if isinstance(concrete, NamedSharding) else jax.typeof(like).sharding.mesh
+    return NamedSharding(mesh, PartitionSpec(*entries))
+
+
+def laid_out(x: jax.Array, like: jax.Array, entries: tuple) -> jax.Array:
+    """`x` resharded to `entries` on `like`'s mesh, if `like`'s type shards it; else `x`.
+
+    >>> import jax.numpy as jnp
+    >>> laid_out(jnp.ones(3), jnp.ones((3, 2)), (None,)).shape
+    (3,)
+    """
+    sharding = on_mesh_of(like, entries)
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
 
 
 def gathered(x: jax.Array) -> jax.Array:
