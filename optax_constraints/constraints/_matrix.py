@@ -85,15 +85,9 @@ class SpectralNorm(Constraint):
       `init_state` starts `u` from a fixed pseudo-random unit vector
       (`PRNGKey(0)`) iterated the same way on the initial kernel.
       :math:`\\hat\\sigma \\le \\sigma_{\\max}` always, so the result can
-      exceed the bound, by the estimate's error. Measured
-      (`python -m benchmarks.power_method`): at most 0.08% over 300 steps of
-      `sgd(0.1)` or `adam(0.01)` least squares (`A` 200x64, `W` 64x32),
-      where one iteration per step overshot by 48% after the first step;
-      0.8% for four 384x384 kernels at the bound with all singular values
-      equal, after Adam steps (3.9% with one iteration per step); from a cold
-      start, at most 1.25% on the spectra listed in
-      `power_iteration_until_settled` (clustered top singular values are the
-      worst case). This is an estimate, not a certificate: a top
+      exceed the bound, by the estimate's error (docs/performance.md has
+      the measured overshoot; clustered top singular values are the worst
+      case). This is an estimate, not a certificate: a top
       singular direction `u` is (numerically) orthogonal to goes unseen.
       When the bound must hold as a guarantee (a Lipschitz certificate),
       use `method="svd"`. `max_iters=num_iters` restores a fixed count.

@@ -273,17 +273,9 @@ def orthogonal_newton_schulz(
 
     Accuracy depends on :math:`s_{\\min}/b`: about
     :math:`\\log_{1.5}(b/s_{\\min}) + 5` iterations reach float32 accuracy.
-    Measured in float32 on CPU (`max |X_k - U V^T|` against
-    `numpy.linalg.svd` in float64):
-
-    * near-orthogonal kernels (an orthogonal matrix plus 1% noise, the case
-      in training once the constraint holds), 256x128 and 256x256: ~3e-7
-      after 5-6 iterations;
-    * Gaussian (Glorot-scaled) kernels 64x32, 256x128, 128x256, 512x256
-      (condition number ~5): ~4e-7 after 8-10 iterations;
-    * square Gaussian kernels (ill-conditioned): 64x64 (condition 170) ~5e-7
-      after 18; 256x256 (850), 512x512 (1700) and 1024x1024 (2000) ~7e-7
-      after 25 (5e-3 after 20).
+    Near-orthogonal kernels reach it in 5-6 iterations, ill-conditioned
+    square Gaussian ones in about 25 (docs/performance.md has the measured
+    errors).
 
     Hence the default of 25; with a kernel that is already near-orthogonal
     (every step after the first), `num_iters=6` is enough. For a first
