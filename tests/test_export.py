@@ -18,6 +18,7 @@ import jax
 import optax
 import pytest
 from helpers import constraint_instances
+from jax import export  # `import jax` alone does not load it in every JAX we support
 
 import optax_constraints as oc
 
@@ -83,7 +84,7 @@ def _args():
 def test_step_exports_for_every_accelerator(name):
     params, updates = _args()
     step = jax.jit(_step_fn(STEPS[name]()))
-    exported = jax.export.export(step, platforms=PLATFORMS)(params, updates)
+    exported = export.export(step, platforms=PLATFORMS)(params, updates)
     assert exported.platforms == PLATFORMS
     ref = jax.tree.leaves(jax.eval_shape(step, params, updates))
     assert [(a.shape, a.dtype) for a in exported.out_avals] == [(a.shape, a.dtype) for a in ref]
@@ -92,10 +93,9 @@ def test_step_exports_for_every_accelerator(name):
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_each_platform_exports_on_its_own(platform):
-    # One platform at a time takes the other path of `platform_dependent`
-    # lowering (a single-platform module has no platform index argument).
+    # A single-platform module is lowered without the platform index
+    # argument that a multi-platform one dispatches on.
     params, updates = _args()
     tx = oc.project({"c": oc.SpectralNorm(1.0)}, LABELS)
-    exported = jax.export.export(jax.jit(_step_fn(tx)), platforms=(platform,))(params, updates)
+    exported = export.export(jax.jit(_step_fn(tx)), platforms=(platform,))(params, updates)
     assert exported.platforms == (platform,)
-
