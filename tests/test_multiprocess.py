@@ -12,13 +12,15 @@ oc.project(...))` with a constraint of every kind: norm (`MaxNorm`,
 `UnitNorm`, reducing over a sharded axis), elementwise (`NonNeg`), matrix
 (`Orthogonal("newton_schulz")`) and stateful (`SpectralNorm`'s power
 method, whose vector lives in the optimizer state), on an `Explicit` and an
-`Auto` mesh. The cluster's process 0 gathers the results
-(`multihost_utils.process_allgather`) and prints them; the test compares
-them with the reference and checks that every parameter and state leaf kept
-its sharding, which spans both processes.
+`Auto` mesh, all three at once. Each process prints the blocks of the
+results that its devices hold (no collective needed to read them); the test
+puts the cluster's blocks together, compares them with the reference and
+checks that every parameter and state leaf kept its sharding, which spans
+both processes.
 
-The processes run with timeouts and are killed when one of them fails, so a
-lost peer cannot hang the suite.
+The processes write to files (a full pipe would stall a process and with it
+the cluster), run with a timeout and are killed as soon as one of them
+fails, so a lost peer cannot hang the suite.
 """
 
 from __future__ import annotations
