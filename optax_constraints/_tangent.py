@@ -10,7 +10,7 @@ import optax
 
 from optax_constraints._routing import Constraints, Route, normalize, route
 from optax_constraints._shard_map import leaf_specs, on_leaf
-from optax_constraints._transform import NO_PARAMS_MSG
+from optax_constraints._transform import flatten_pair
 
 PyTree = Any
 
@@ -98,15 +98,7 @@ def tangent(
         return TangentState(jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
-        flat_updates, treedef = jax.tree.flatten(updates)
-        flat_params = jax.tree.leaves(params)
-        if len(flat_updates) != len(flat_params):
-            raise ValueError(
-                f"tangent: updates have {len(flat_updates)} leaves but params have"
-                f" {len(flat_params)}; pass the same structure for both."
-            )
+        flat_updates, treedef, flat_params = flatten_pair(updates, params, "tangent")
         routes = route(params, mapping, labels, check=False)
         specs = leaf_specs(params, param_specs, routes)
         for r in routes:

@@ -120,16 +120,8 @@ def project(
         return ProjectState(jnp.zeros([], jnp.int32), states)
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(NO_PARAMS_MSG)
+        flat_updates, treedef, flat_params = flatten_pair(updates, params, "project")
         plan = _plan(params, mapping, labels, param_specs, check=False)
-        flat_updates, treedef = jax.tree.flatten(updates)
-        flat_params = jax.tree.leaves(params)
-        if len(flat_updates) != len(flat_params):
-            raise ValueError(
-                f"project: updates have {len(flat_updates)} leaves but params have"
-                f" {len(flat_params)}; pass the same structure for both."
-            )
 
         def projected(operands):
             us, states = operands[0], dict(operands[1])
@@ -155,6 +147,20 @@ def project(
         return jax.tree.unflatten(treedef, flat_updates), ProjectState(new_count, states)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def flatten_pair(updates, params, owner: str):
+    """`(flat updates, their treedef, flat params)`, checking `params` is given and fits."""
+    if params is None:
+        raise ValueError(NO_PARAMS_MSG)
+    flat_updates, treedef = jax.tree.flatten(updates)
+    flat_params = jax.tree.leaves(params)
+    if len(flat_updates) != len(flat_params):
+        raise ValueError(
+            f"{owner}: updates have {len(flat_updates)} leaves but params have"
+            f" {len(flat_params)}; pass the same structure for both."
+        )
+    return flat_updates, treedef, flat_params
 
 
 def _plan(params, mapping, labels, param_specs, *, check: bool):
