@@ -120,7 +120,7 @@ def laid_out(x: jax.Array, like: jax.Array, entries: tuple) -> jax.Array:
     (3,)
     """
     sharding = on_mesh_of(like, entries)
-    return x if sharding is None else jax.sharding.reshard(x, sharding)
+    return x if sharding is None else jax.device_put(x, sharding)
 
 
 def gathered(x: jax.Array) -> jax.Array:
