@@ -7,8 +7,9 @@ Layers, each importing only the ones above it:
    the registry (`get`, `serialize`, `deserialize`, `register`).
 3. labels -- which leaf gets which constraint (`label_by_path`, routing,
    and `declared`: constraints declared on NNX/Linen/Keras parameters).
-4. transform -- `project` (an `optax.GradientTransformation`),
-   `apply_constraints`, and `tangent` (updates onto the sets' tangent spaces).
+4. transform -- `project` (an `optax.GradientTransformation`), `tangent`
+   (updates onto the sets' tangent spaces), and `apply_constraints`,
+   `constraint_violations`, `routing_report` on a parameter tree.
 
 >>> import jax.numpy as jnp, optax
 >>> import optax_constraints as oc
@@ -18,19 +19,19 @@ Layers, each importing only the ones above it:
 """
 
 from optax_constraints import projections as projections
+from optax_constraints._apply import apply_constraints as apply_constraints
+from optax_constraints._apply import constraint_violations as constraint_violations
+from optax_constraints._apply import routing_report as routing_report
 from optax_constraints._declared import DeclaredLabels as DeclaredLabels
 from optax_constraints._declared import constraint_metadata as constraint_metadata
 from optax_constraints._declared import declared as declared
 from optax_constraints._declared import with_constraint as with_constraint
 from optax_constraints._labels import glob_match as glob_match
 from optax_constraints._labels import label_by_path as label_by_path
-from optax_constraints._routing import routing_report as routing_report
 from optax_constraints._tangent import TangentState as TangentState
 from optax_constraints._tangent import tangent as tangent
 from optax_constraints._transform import NO_PARAMS_MSG as NO_PARAMS_MSG
 from optax_constraints._transform import ProjectState as ProjectState
-from optax_constraints._transform import apply_constraints as apply_constraints
-from optax_constraints._transform import constraint_violations as constraint_violations
 from optax_constraints._transform import project as project
 from optax_constraints.constraints import CenterAround as CenterAround
 from optax_constraints.constraints import Clip as Clip

@@ -1,13 +1,11 @@
-"""Labels + constraints -> one checked plan: which leaf is projected by what.
+"""Labels + constraints -> one checked list of which leaf is projected by what.
 
-`route` is the single place where a labels tree meets a `constraints` mapping;
-`project`'s `init`, `apply_constraints`, the violation monitor and the routing
-report all go through it, so they agree and fail with the same messages.
+`project`, `tangent`, `apply_constraints`, `constraint_violations` and
+`routing_report` all route through `route`, so they agree and fail alike.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +17,6 @@ from optax_constraints import constraints as C
 from optax_constraints._labels import Leaf, resolve_labels, shape_of
 from optax_constraints.constraints._registry import as_constraint
 
-PyTree = Any
 Constraints = Mapping[Any, Any] | C.Constraint | Callable[..., Any]
 
 
@@ -57,13 +54,12 @@ def normalize(constraints: Constraints, param_labels) -> tuple[dict, Any]:
     return {label: as_constraint(c) for label, c in constraints.items()}, param_labels
 
 
-def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = True) -> list[Route]:
-    """Pairs every array leaf with its constraint, checking the pairing.
+def route(params, constraints: Mapping, param_labels, *, check: bool = True) -> list[Route]:
+    """Pairs every array leaf with its constraint.
 
-    With `check=True` (at `init`), raises `ValueError` naming the leaf's path and
-    shape when a label is not in `constraints`, a constrained leaf is not a
-    floating-point array, or the constraint does not fit the leaf (e.g. an
-    `axis` out of range).
+    With `check=True` (at `init`), raises `ValueError` naming the leaf's path
+    and shape when its label is not in `constraints`, it is not a float array,
+    or the constraint does not fit it (e.g. an `axis` out of range).
     """
     routes = []
     for leaf, label in resolve_labels(params, param_labels):
@@ -74,13 +70,12 @@ def route(params: PyTree, constraints: Mapping, param_labels, *, check: bool = T
             constraint = constraints[label]
         except (KeyError, TypeError):
             used = {lb for _, lb in resolve_labels(params, param_labels) if lb is not None}
-            missing = {lb for lb in used if lb not in constraints}
             raise ValueError(
                 f"The parameter at '{leaf.path_str}' (shape {shape_of(leaf.value)}) has label"
                 f" {label!r}, which is not a key of constraints. Labels in use:"
                 f" {_set(used)}; constraints keys: {_set(constraints)}; missing:"
-                f" {_set(missing)}. Add the missing labels to constraints (a value of None"
-                " leaves a label unconstrained), or relabel those leaves."
+                f" {_set(used - set(constraints))}. Add the missing labels to constraints"
+                " (a value of None leaves a label unconstrained), or relabel those leaves."
             ) from None
         if check and constraint is not None:
             _check(leaf, label, constraint)
@@ -113,15 +108,12 @@ def _check(leaf: Leaf, label, constraint: C.Constraint) -> None:
         )
         raise ValueError(f"{constraint!r} does not fit {where}: {reason}.{fix}") from None
     builtin = type(constraint).__module__.startswith("optax_constraints.")
-    if not builtin or isinstance(constraint, C.FunctionConstraint):
-        _check_output_shape(constraint, shape, dtype, where)
-
-
-def _check_output_shape(constraint, shape, dtype, where: str) -> None:
-    """A user's constraint must map a leaf to an array of the same shape."""
+    if builtin and not isinstance(constraint, C.FunctionConstraint):
+        return
+    # A user's constraint must trace (project's update runs under jit) and keep the shape.
     try:
         out = jax.eval_shape(constraint, jax.ShapeDtypeStruct(shape, dtype))
-    except _TRACING_ERRORS as err:  # what jit(tx.update) would raise, without leaf or fix
+    except _TRACING_ERRORS as err:
         raise TypeError(
             f"{constraint!r} cannot be traced for {where}: it converts a traced array to"
             f" NumPy ({type(err).__name__}), which fails under jax.jit, where project's"
@@ -134,8 +126,8 @@ def _check_output_shape(constraint, shape, dtype, where: str) -> None:
     if got != shape:
         returned = f"shape {got}" if got is not None else f"{type(out).__name__} {out!r}"
         raise ValueError(
-            f"{constraint!r} returns {returned} for {where}: a constraint must return an array of the leaf's shape"
-            " (w -> projected w), not a reduction or a pytree."
+            f"{constraint!r} returns {returned} for {where}: a constraint must return an"
+            " array of the leaf's shape (w -> projected w), not a reduction or a pytree."
         )
 
 
@@ -145,62 +137,3 @@ _TRACING_ERRORS = (
     jax.errors.TracerBoolConversionError,
     jax.errors.TracerIntegerConversionError,
 )
-
-
-def routing_report(params: PyTree, constraints: Constraints, param_labels=None) -> str:
-    """A table of every leaf: path, shape, dtype, label, constraint and its view.
-
-    Print it before training, the way you would `model.summary()`, to see that
-    every kernel and bias gets what you meant (unconstrained leaves show `-`).
-    The `view` column says how the constraint sees the leaf
-    (`Constraint.describe_leaf`): norm constraints as units of a size, matrix
-    ones as the matrix they constrain, `oc.Stacked` as copies of those.
-    Raises exactly the errors `project`'s `init` raises.
-
-    Args:
-      params: the parameter pytree (arrays or `jax.eval_shape` structs).
-      constraints: as for `project`: mapping label -> constraint, or one
-        constraint for every leaf.
-      param_labels: as for `project`: labels pytree or callable.
-
-    >>> import jax.numpy as jnp
-    >>> import optax_constraints as oc
-    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
-    >>> print(oc.routing_report(params, {"k": oc.MaxNorm(3.0)},
-    ...                         oc.label_by_path({"**/kernel": "k"})))
-    path            shape   dtype    label  constraint                      view
-    Dense_0/bias    (2,)    float32  -      -                               -
-    Dense_0/kernel  (3, 2)  float32  'k'    MaxNorm(max_value=3.0, axis=0)  2 units of 3
-    2 leaves, 1 constrained (6 of 8 values)
-
-    Two scanned stacks of 4 layers: the first constrained as one array (one
-    norm over all layers, a mistake), the second per layer:
-
-    >>> c = oc.MaxNorm(2.0, axis="fan_in")
-    >>> params = {"a": {"kernel": jnp.ones((4, 16, 16))}, "b": {"kernel": jnp.ones((4, 16, 16))}}
-    >>> print(oc.routing_report(params, {"plain": c, "stacked": oc.Stacked(c)},
-    ...                         {"a": {"kernel": "plain"}, "b": {"kernel": "stacked"}}))
-    path      shape        dtype    label      constraint                                                    view
-    a/kernel  (4, 16, 16)  float32  'plain'    MaxNorm(max_value=2.0, axis='fan_in')                         16 units of 64
-    b/kernel  (4, 16, 16)  float32  'stacked'  Stacked(MaxNorm(max_value=2.0, axis='fan_in'), stack_axis=0)  4 x 16 units of 16
-    2 leaves, 2 constrained (2048 of 2048 values)
-    """
-    mapping, labels = normalize(constraints, param_labels)
-    routes = route(params, mapping, labels)
-    rows = [("path", "shape", "dtype", "label", "constraint", "view")]
-    sizes = {True: 0, False: 0}  # values constrained or not
-    for r in routes:
-        shape, c = shape_of(r.leaf.value), r.constraint
-        sizes[c is not None] += math.prod(shape)
-        dtype = getattr(r.leaf.value, "dtype", type(r.leaf.value).__name__)
-        label = "-" if r.label is None else repr(r.label)
-        shown, view = ("-", "-") if c is None else (repr(c), c.describe_leaf(shape))
-        rows.append((r.leaf.path_str, str(shape), str(dtype), label, shown, view))
-    constrained = sum(r.constraint is not None for r in routes)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    total = sizes[True] + sizes[False]
-    lines.append(
-        f"{len(routes)} leaves, {constrained} constrained ({sizes[True]} of {total} values)"
-    )
-    return "\n".join(lines)

@@ -1,30 +1,21 @@
-"""Constraints on the local blocks of `jax.shard_map`: `param_specs`.
+"""`param_specs`: constraints on the local blocks that `jax.shard_map` hands out.
 
-Under `jax.jit` every array is global and XLA inserts the collectives. Inside
-`jax.shard_map` a leaf is the local block of the global parameter, and a norm
-over a split axis would be a partial norm. `param_specs` (the params'
-`PartitionSpec`s, the `in_specs` the user gave `shard_map`) says which mesh
-axes split which axes of each leaf; each constraint then runs in the form
-`Constraint.on_shards` gives it (norm constraints `psum` their per-unit sums),
-or, when it has none, on the all-gathered leaf, of which each device keeps
-its block (`_Gathered`).
+Inside `shard_map` a leaf is the local block of the global parameter, and a
+norm over a split axis would be a partial norm. `param_specs` says which mesh
+axes split which axes of each leaf; each constraint then runs in the form its
+`on_shards(spec)` gives (norms `psum` their per-unit sums) or, without one, on
+the assembled leaf (`Gathered`).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from optax_constraints import constraints as C
 from optax_constraints._labels import resolve_labels
 from optax_constraints._routing import Route
-
-PyTree = Any
-Spec = tuple[tuple[str, ...], ...]
+from optax_constraints.constraints._gathered import Gathered, Spec
 
 FIX = (
     "pass param_specs= (the params' PartitionSpecs, the in_specs you gave jax.shard_map)"
@@ -33,13 +24,8 @@ FIX = (
 )
 
 
-def leaf_specs(params: PyTree, param_specs, routes: list[Route]) -> dict[int, Spec]:
-    """Per constrained leaf index, the mesh axes splitting each of its axes.
-
-    `param_specs` is a pytree prefix of `PartitionSpec`s (or `None`s, for
-    leaves that are not split). Raises `ValueError` naming the leaf when it
-    does not fit.
-    """
+def leaf_specs(params, param_specs, routes: list[Route]) -> dict[int, Spec]:
+    """Per constrained leaf index, the mesh axes splitting each of its axes."""
     if param_specs is None:
         return {}
     try:
@@ -49,8 +35,7 @@ def leaf_specs(params: PyTree, param_specs, routes: list[Route]) -> dict[int, Sp
     specs = {}
     for leaf, spec in pairs:
         shape = tuple(getattr(leaf.value, "shape", ()))
-        if spec is None:
-            spec = PartitionSpec()
+        spec = PartitionSpec() if spec is None else spec
         if not isinstance(spec, PartitionSpec) or len(spec) > len(shape):
             raise ValueError(
                 f"param_specs gives {spec!r} for the parameter at '{leaf.path_str}' (shape"
@@ -63,98 +48,26 @@ def leaf_specs(params: PyTree, param_specs, routes: list[Route]) -> dict[int, Sp
 
 
 def on_leaf(r: Route, spec: Spec | None) -> tuple[C.Constraint, tuple[str, ...]]:
-    """The constraint to run on the leaf of `r` as this trace sees it, and the
-    mesh axes that split the leaf here (a violation's maximum is taken over them).
+    """The constraint to run on `r`'s leaf as this trace sees it, and the mesh axes splitting it.
 
-    Inside `shard_map`, with a spec that splits the leaf: the constraint's
-    `on_shards` form, or the gathered one. Otherwise the constraint itself
-    (outside `shard_map` a spec changes nothing: `init` runs on the global
-    params), after checking that the leaf is not a local block (it varies
-    over manual mesh axes) that a non-elementwise constraint would silently
-    project on its own.
+    Outside `shard_map` a spec changes nothing (`init` runs on the global
+    params). Without a spec, a leaf that varies over manual mesh axes is a
+    local block, which only an elementwise constraint may project alone.
     """
     c = r.constraint
     assert c is not None
     split = tuple(name for entry in spec or () for name in entry)
-    if split and set(split) <= _manual_axes(r.leaf.value):
-        assert spec is not None
-        return c.on_shards(spec) or _Gathered(c, spec), split
-    vma = _varying_axes(r.leaf.value) if spec is None else None
-    if vma and not c.elementwise:
-        shape = tuple(r.leaf.value.shape)
+    aval = jax.typeof(r.leaf.value)
+    manual = getattr(getattr(getattr(aval, "sharding", None), "mesh", None), "manual_axes", ())
+    if spec is not None and split and set(split) <= set(manual):
+        return c.on_shards(spec) or Gathered(c, spec), split
+    axis_type = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9; `vma` before
+    varying = axis_type.varying if axis_type is not None else getattr(aval, "vma", ())
+    if spec is None and varying and not c.elementwise:
         raise ValueError(
-            f"{c!r} on the parameter at '{r.leaf.path_str}' (local shape {shape}) runs"
+            f"{c!r} on the parameter at '{r.leaf.path_str}' (local shape {aval.shape}) runs"
             f" inside jax.shard_map, where this leaf varies over the mesh axes"
-            f" {sorted(vma)}: it is a local block, and the constraint would be computed"
+            f" {sorted(varying)}: it is a local block, and the constraint would be computed"
             f" on that block alone, silently wrong. Fix: {FIX}."
         )
     return c, ()
-
-
-def _manual_axes(x) -> frozenset[str]:
-    """The mesh axes that are manual where `x` is traced (inside `shard_map`)."""
-    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-    return frozenset(getattr(mesh, "manual_axes", ()))
-
-
-def _varying_axes(x) -> frozenset[str]:
-    """The manual mesh axes `x` varies over inside `shard_map` (empty outside)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9; `vma` before
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
-def _size(names: tuple[str, ...]) -> int:
-    return math.prod(jax.lax.axis_size(n) for n in names)
-
-
-class _Gathered(C.Constraint):
-    """`constraint` on the all-gathered leaf; each device keeps its own block.
-
-    For constraints without an `on_shards` form (matrix, simplex, custom):
-    exact, at the cost of one whole leaf per device while it is projected
-    (and an all-reduce of the leaf's size to assemble it).
-    A state (SpectralNorm's vector) is the whole leaf's, the same on every
-    device.
-    """
-
-    def __init__(self, constraint: C.Constraint, spec: Spec):
-        self.constraint, self.spec = constraint, spec
-
-    def _gather(self, x):
-        # Each block at its place in zeros, summed over the devices: exact
-        # (x + 0 == x), and, unlike `all_gather`, typed the same on every
-        # device, so loops inside the constraint (power method, simplex
-        # threshold) carry one type.
-        shape, start = list(x.shape), []
-        for axis, names in enumerate(self.spec):
-            shape[axis] *= _size(names)
-            start.append(jax.lax.axis_index(names) * x.shape[axis] if names else 0)
-        whole = jax.lax.dynamic_update_slice(jnp.zeros(shape, x.dtype), x, start)
-        return jax.lax.psum(whole, tuple(n for names in self.spec for n in names))
-
-    def _block(self, x, like):
-        for axis, names in enumerate(self.spec):
-            if names:
-                n = like.shape[axis]
-                x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(names) * n, n, axis)
-        return x
-
-    def at_step(self, step):
-        return _Gathered(self.constraint.at_step(step), self.spec)
-
-    def __call__(self, w):
-        return self._block(self.constraint(self._gather(w)), w)
-
-    def init_state(self, w):
-        return self.constraint.init_state(self._gather(w))
-
-    def apply(self, w, state, step):
-        out, state = self.constraint.apply(self._gather(w), state, step)
-        return self._block(out, w), state
-
-    def violation(self, w):
-        return self.constraint.violation(self._gather(w))
-
-    def tangent(self, w, u):
-        return self._block(self.constraint.tangent(self._gather(w), self._gather(u)), u)

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_constraints._routing import Constraints, Route, normalize, route
-from optax_constraints._shard_map import leaf_specs, on_leaf
-from optax_constraints._transform import flatten_pair
+from optax_constraints._routing import Constraints, normalize, route
+from optax_constraints._transform import flatten_pair, plan
 
 PyTree = Any
 
@@ -35,47 +34,33 @@ def tangent(
 ) -> optax.GradientTransformation:
     """Moves each constrained leaf's update into the tangent space of its set.
 
-    `update(updates, state, params)` returns, for every constrained leaf,
-    the Euclidean projection of its update onto the tangent space of the
-    constraint's set at the leaf's current value (`Constraint.tangent`):
+    For every constrained leaf, `update(updates, state, params)` returns the
+    Euclidean projection of its update onto the tangent space (or cone) of the
+    constraint's set at the leaf's value, `Constraint.tangent(w, u)`:
 
-    * `Sphere`, `UnitNorm`: per unit, `u - <u, w> w / ‖w‖²` (a zero unit's
-      update unchanged);
-    * `Orthogonal`: the Stiefel manifold's, `U - W sym(WᵀU)` on the
-      `(fan_in, out)` view (`U - sym(U Wᵀ) W` for a wide one);
-    * `Simplex` (per unit) and `CenterAround` (whole leaf): the sum-zero
-      plane, `u - mean(u)`;
-    * `MaxNorm`, `MinMaxNorm`, `NonNeg`, `Clip`: the tangent cone, identity
-      inside the set and the outward part removed on its boundary.
+    * `Sphere`, `UnitNorm`: per unit, `u - <u, w> w / ‖w‖²`;
+    * `Orthogonal`: the Stiefel manifold's, `U - W sym(WᵀU)`;
+    * `Simplex` (per unit), `CenterAround`: the sum-zero plane, `u - mean(u)`;
+    * `MaxNorm`, `MinMaxNorm`, `NonNeg`, `Clip`: the tangent cone (the
+      outward part removed on the boundary).
 
-    Unconstrained leaves' updates pass through. The labels are routed exactly
-    as `project` routes them, and checked at `init`, which also raises
-    `ValueError` naming every leaf whose constraint defines no tangent space
-    (`Constraint.tangent`). bfloat16/float16 updates are computed in float32
-    and returned in their own dtype.
-
-    Where it goes in `optax.chain`: **before the optimizer**,
-    `chain(tangent(c), adam(...), project(c))`, it turns gradients into
-    Riemannian gradients (Riemannian SGD); **just before `project`**,
-    `chain(adam(...), tangent(c), project(c))`, it projects the step itself
-    (hyperball Adam; docs/manifolds.md compares the two). `project` stays last either way: the
-    tangent step leaves the set by second-order terms, which `project`
-    (the retraction) takes back.
+    Other leaves' updates pass through. Labels are routed as `project` routes
+    them; `init` raises `ValueError` naming each leaf whose constraint defines
+    no tangent space. Before the optimizer, `chain(tangent(c), adam(...),
+    project(c))` is Riemannian Adam on the gradients; just before `project`,
+    `chain(adam(...), tangent(c), project(c))` projects the step (hyperball
+    Adam; docs/manifolds.md compares them). `project`, the retraction, stays last.
+    bfloat16/float16 updates are computed in float32 and keep their dtype.
 
     Args:
-      constraints: as for `project`: mapping label -> constraint, or one
-        constraint for every leaf.
+      constraints: as for `project`.
       param_labels: as for `project`.
-      param_specs: inside `jax.shard_map`, as for `project`: per-unit inner
-        products are `psum`med over the mesh axes that split a unit; matrix
-        and sum-zero tangents see the assembled leaf.
+      param_specs: inside `jax.shard_map`, as for `project`.
 
     Returns:
-      An `optax.GradientTransformation` with state `TangentState`.
+      An `optax.GradientTransformation` whose state is a `TangentState`.
 
     >>> import jax.numpy as jnp
-    >>> import numpy as np
-    >>> import optax
     >>> import optax_constraints as oc
     >>> params = {"w": jnp.array([[1.0], [0.0]])}
     >>> tx = oc.tangent(oc.Sphere())
@@ -85,44 +70,34 @@ def tangent(
 
     References:
       Absil, Mahony & Sepulchre, Optimization Algorithms on Matrix Manifolds,
-      Princeton University Press, 2008 (sections 3.6 and 4.1). Edelman,
-      Arias & Smith, The Geometry of Algorithms with Orthogonality
-      Constraints, SIAM J. Matrix Anal. Appl. 20(2), 1998.
+      Princeton University Press, 2008 (sections 3.6 and 4.1).
     """
     mapping, labels = normalize(constraints, param_labels)
 
     def init_fn(params):
         for r in route(params, mapping, labels, check=True):
-            if r.constraint is not None:
-                _check_tangent(r)
+            if r.constraint is None:
+                continue
+            leaf = jax.ShapeDtypeStruct(jnp.shape(r.leaf.value), r.leaf.value.dtype)
+            try:
+                jax.eval_shape(r.constraint.tangent, leaf, leaf)
+            except NotImplementedError:
+                raise ValueError(
+                    f"oc.tangent: {r.constraint!r} defines no tangent space, for the parameter"
+                    f" at '{r.leaf.path_str}' (shape {leaf.shape}, label {r.label!r}). Route"
+                    " this leaf to None in tangent's labels (its update then passes through;"
+                    " project still constrains it), or give the constraint a"
+                    " `tangent(self, w, u)` method returning u moved into the tangent space at w."
+                ) from None
         return TangentState(jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None):
         flat_updates, treedef, flat_params = flatten_pair(updates, params, "tangent")
-        routes = route(params, mapping, labels, check=False)
-        specs = leaf_specs(params, param_specs, routes)
-        for r in routes:
-            if r.constraint is not None:
-                i = r.leaf.index
-                u = flat_updates[i]
-                c, _ = on_leaf(r, specs.get(i))
-                flat_updates[i] = c.at_step(state.count).tangent(flat_params[i], u).astype(u.dtype)
+        for r, c, _ in plan(params, mapping, labels, param_specs, check=False):
+            i = r.leaf.index
+            u = flat_updates[i]
+            flat_updates[i] = c.at_step(state.count).tangent(flat_params[i], u).astype(u.dtype)
         count: jax.Array = optax.safe_int32_increment(state.count)  # pyright: ignore[reportAssignmentType]  (an int32 Array)
         return jax.tree.unflatten(treedef, flat_updates), TangentState(count)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_tangent(r: Route) -> None:
-    """Raises `ValueError` naming the leaf if its constraint has no tangent hook."""
-    leaf = jax.ShapeDtypeStruct(jnp.shape(r.leaf.value), r.leaf.value.dtype)
-    try:
-        jax.eval_shape(r.constraint.tangent, leaf, leaf)  # pyright: ignore[reportOptionalMemberAccess]
-    except NotImplementedError:
-        raise ValueError(
-            f"oc.tangent: {r.constraint!r} defines no tangent space, for the parameter at"
-            f" '{r.leaf.path_str}' (shape {tuple(leaf.shape)}, label {r.label!r}). Route"
-            " this leaf to None in tangent's labels (its update then passes through;"
-            " project still constrains it), or give the constraint a"
-            " `tangent(self, w, u)` method returning u moved into the tangent space at w."
-        ) from None
