@@ -1,11 +1,6 @@
-"""Which leaf gets which constraint.
+"""Which leaf gets which constraint: labels matched to params by key path, and path rules.
 
-Labels are matched to parameters by *key path*, not by container type, so a
-plain-dict labels tree fits `FrozenDict`, `nnx.State` (with or without
-`Param` wrappers) and any registered pytree whose keys spell the same path.
-A labels leaf at path `a/b` labels every parameter under `a/b` (labels may be
-a prefix of the params tree, as in `optax.partition`); a `None` label leaves
-that part unconstrained.
+Prefix labels and `None` as in `optax.partition`; see docs/routing.md.
 """
 
 from __future__ import annotations
@@ -26,6 +21,11 @@ LABELS_HELP = (
     "param_labels must be a pytree with the params' structure (or a prefix of"
     " it) whose leaves are labels or None, or a callable params -> such a tree,"
     " e.g. oc.label_by_path({'**/kernel': 'kernel', '**/bias': 'bias'})."
+)
+GLOB_HELP = (
+    "A rule is a glob over the '/'-joined key path of a leaf: '*' matches within"
+    " one segment, '?' one character, '**' any number of whole segments (none"
+    " included), e.g. '**/kernel', 'encoder/*/bias', 'Dense_0/**'."
 )
 
 
@@ -83,7 +83,14 @@ def path_to_str(path: Path) -> str:
 def flat_paths(tree: PyTree, is_leaf=_is_node_leaf) -> list[tuple[Path, Any]]:
     """`(path as key strings, leaf)` for every leaf; NNX `Variable`s and empty nodes are leaves."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(tuple(key_name(e) for e in path), x) for path, x in flat]
+    return [(tuple(map(key_name, path)), x) for path, x in flat]
+
+
+def map_paths(fn: Callable[[Path, Any], Any], tree: PyTree, is_leaf=_is_node_leaf) -> PyTree:
+    """`jax.tree.map` calling `fn(path as key strings, leaf)`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: fn(tuple(map(key_name, path)), x), tree, is_leaf=is_leaf
+    )
 
 
 @dataclass(frozen=True)
@@ -99,13 +106,19 @@ class Leaf:
         return path_to_str(self.path)
 
 
+def _prefixes(a: Path, b: Path) -> bool:
+    """Whether one of the two paths starts with the other."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
 def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
     """Pairs every array leaf of `params` with its label (`None` = unconstrained).
 
-    A label at path `p` covers every leaf whose path starts with `p`; the
-    longest such prefix wins. `None` and `optax.MaskedNode` in `params` hold
-    no parameter, but a label may point at them. Raises `ValueError`, naming
-    the leaf path and shape, when the labels tree does not fit the params.
+    A label at path `p` covers every leaf under `p`; the longest such prefix
+    wins. A label may point at, above or into a `None` / `optax.MaskedNode`
+    part of `params`. Raises `ValueError`, naming the leaf path and shape,
+    when the labels tree does not fit the params.
     """
     leaves: list[Leaf] = []
     empty: list[Path] = []
@@ -135,15 +148,8 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
         used.add(prefix)
         out.append((leaf, entries[prefix]))
 
-    # A label at the root covers any tree (even one without leaves), and one
-    # may point at, above or into a None / MaskedNode part of the params.
-    unused = [p for p in entries if p and p not in used]
-    if unused:
-        empty_set = set(empty)
-        above_empty = {e[:cut] for e in empty for cut in range(len(e) + 1)}
-        for path in unused:
-            if path in above_empty or any(path[:cut] in empty_set for cut in range(len(path))):
-                continue
+    for path in entries:  # a label at the root covers any tree, even one without leaves
+        if path and path not in used and not any(_prefixes(path, e) for e in empty):
             raise ValueError(
                 f"The label at '{path_to_str(path)}' matches no parameter: the labels tree"
                 f" does not fit the params. Parameter paths:"
@@ -154,11 +160,7 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
 
 
 def _level_hint(path: Path, others, this: str, other: str) -> str:
-    """Spots the usual misfit: one tree has an extra top level (e.g. 'params').
-
-    `path` is from the `this` tree and found no partner among `others`, the
-    paths of the `other` tree.
-    """
+    """Spots the usual misfit: the `this` or the `other` tree has an extra top level."""
     others = set(others)
     if len(path) > 1 and path[1:] in others:
         extra, where, lacking = path[0], this, other
@@ -181,90 +183,100 @@ def sample(names, n: int = 6) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
-# --- label_by_path -----------------------------------------------------------
-
-GLOB_HELP = (
-    "A rule is a glob over the '/'-joined key path of a leaf: '*' matches within"
-    " one segment, '?' one character, '**' any number of whole segments (none"
-    " included), e.g. '**/kernel', 'encoder/*/bias', 'Dense_0/**'."
-)
-
-
 @functools.cache
 def _compile_glob(pattern: str) -> re.Pattern:
-    """A glob over "/"-joined paths as a regular expression."""
+    """A glob as a regular expression over a "/"-joined path with "/" appended."""
     if not isinstance(pattern, str) or not pattern.strip("/"):
         raise ValueError(f"label_by_path: got the rule {pattern!r}. {GLOB_HELP}")
-    segments = []
-    for seg in pattern.strip("/").split("/"):
-        if not (seg == "**" and segments and segments[-1] == "**"):  # '**/**' is '**'
-            segments.append(seg)
-    last = len(segments) - 1
-    regex = []
-    for i, seg in enumerate(segments):
-        if seg == "**":  # zero or more whole segments; the token carries the "/" around it
-            if last == 0:
-                regex.append(".*")  # just '**'
-            elif i == 0:
-                regex.append("(?:.*/)?")  # '**/b'
-            elif i == last:
-                regex.append("(?:/.*)?")  # 'a/**'
-            else:
-                regex.append("/(?:.*/)?")  # 'a/**/b'
-            continue
-        if i > 0 and segments[i - 1] != "**":
-            regex.append("/")
-        regex.append(
-            "".join("[^/]*" if ch == "*" else "[^/]" if ch == "?" else re.escape(ch) for ch in seg)
-        )
+    regex = [
+        "(?:.*/)?"  # '**': zero or more whole segments
+        if seg == "**"
+        else "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in seg)
+        + "/"
+        for seg in pattern.strip("/").split("/")
+    ]
     return re.compile("".join(regex) + r"\Z", re.DOTALL)
 
 
 def glob_match(pattern: str, path: str) -> bool:
     """Whether a "/"-joined key `path` matches a `label_by_path` rule.
 
-    `*` matches any characters within one segment, `?` one character, and a
-    `**` segment any number of whole segments, none included. The whole path
-    must match.
-
-    Args:
-      pattern: the glob, e.g. `"**/kernel"`.
-      path: a "/"-joined key path, e.g. `"Dense_0/kernel"`.
+    `*` matches within one segment, `?` one character, and a `**` segment any
+    number of whole segments, none included. The whole path must match.
 
     >>> import optax_constraints as oc
-    >>> oc.glob_match("**/kernel", "Dense_0/kernel"), oc.glob_match("**/kernel", "kernel")
-    (True, True)
-    >>> oc.glob_match("*/kernel", "block/Dense_0/kernel"), oc.glob_match("Dense_?", "Dense_10")
-    (False, False)
+    >>> oc.glob_match("**/kernel", "kernel"), oc.glob_match("*/kernel", "a/b/kernel")
+    (True, False)
     """
-    return _compile_glob(pattern).match(path) is not None
+    return _compile_glob(pattern).match(path + "/") is not None
+
+
+class GlobRules:
+    """Ordered glob rules -> values (`convert(pattern, value)` checks each): the first match wins."""
+
+    def __init__(self, rules: Mapping[str, Any], convert: Callable[[str, Any], Any]):
+        self.patterns = list(rules)
+        self.regexes = [_compile_glob(p) for p in self.patterns]
+        self.values = [convert(p, v) for p, v in rules.items()]
+
+    def matches(self, i: int, path: str) -> bool:
+        return self.regexes[i].match(path + "/") is not None
+
+    def first(self, path: str) -> int | None:
+        """The index of the first rule `path` matches (None: no rule)."""
+        return next((i for i in range(len(self.patterns)) if self.matches(i, path)), None)
+
+    def check_all_apply(self, owner: str, paths: list[str], won, alternative: str = "") -> None:
+        """Raises `ValueError` for a rule that won none of `paths` (`won`: each path's rule)."""
+        won = set(won)
+        dead = [i for i in range(len(self.patterns)) if i not in won]
+        if not dead or not paths:
+            return
+        taken = [(i, next((p for p in paths if self.matches(i, p)), None)) for i in dead]
+        unmatched = [self.patterns[i] for i, path in taken if path is None]
+        if unmatched:
+            raise ValueError(
+                f"{owner}: rule(s) {unmatched} match no parameter (a typo?). Parameter paths:"
+                f" {sample(paths)}. Fix the pattern{alternative}. {GLOB_HELP}"
+            )
+        i, path = taken[0]
+        earlier = next(j for j in range(i) if self.matches(j, path))
+        raise ValueError(
+            f"{owner}: rule {self.patterns[i]!r} never applies: every path it matches (e.g."
+            f" {path!r}) is taken first by the earlier rule {self.patterns[earlier]!r} (the"
+            f" first matching rule wins). Put the more specific rule first{alternative}."
+        )
+
+
+def _hashable(label, what: str):
+    try:
+        hash(label)
+    except TypeError:
+        raise TypeError(
+            f"label_by_path: {what} must be hashable (a string, say); got {label!r}."
+        ) from None
+    return label
 
 
 def label_by_path(
     rules: Mapping[str, Hashable], default: Hashable = None, *, allow_unmatched: bool = False
 ) -> Callable[[PyTree], PyTree]:
-    """Labels each leaf by the first glob rule (`glob_match`) its "/"-joined key path matches.
+    """Labels each leaf by the first rule (a `glob_match` glob) its "/"-joined key path matches.
 
-    A leaf's path joins its dict keys, attribute names (registered dataclasses,
-    `flax.struct.dataclass`) and list/tuple indices with "/", so
-    `{"Dense_0": {"kernel": w}}` gives `"Dense_0/kernel"` whether the container
-    is a dict, a `FrozenDict` or an `nnx.State`. A Flax NNX `Param` is
-    addressed by its own path (no trailing `value`), so one rule works for
-    `nnx.Optimizer`'s `init` (which sees `Param` leaves) and `update` (which
-    sees plain arrays). `None` and `optax.MaskedNode` nodes stay as they are.
+    A path joins dict keys, attribute names and list indices with "/", so one
+    rule fits a dict, a `FrozenDict` and an `nnx.State` (with `Param` leaves
+    or plain arrays) alike. `None` and `optax.MaskedNode` nodes stay as they
+    are.
 
     Args:
-      rules: mapping glob pattern -> label, tried in order (a dict, or a list
-        of `(pattern, label)` pairs). A label of `None` leaves the leaf
-        unconstrained, which is how to carve exceptions out of a later rule.
-      default: label for leaves no rule matches (`None`: unconstrained).
-      allow_unmatched: if False (default), a rule that labels no leaf raises
-        `ValueError`: one that matches no path (usually a typo) or one
-        shadowed by earlier rules (usually an ordering mistake). Set True when
-        some trees legitimately lack those leaves.
+      rules: mapping glob -> label (or a list of `(glob, label)` pairs), tried
+        in order. A rule to `None` exempts its leaves from later rules.
+      default: the label of leaves no rule matches (`None`: unconstrained).
+      allow_unmatched: if False, a rule that labels no leaf (a typo, or one
+        shadowed by earlier rules) raises `ValueError`.
 
     Returns:
-      A function `params -> labels`, usable as `param_labels` here and in
+      A function `params -> labels`, the `param_labels` of `project` and
       `optax.partition`.
 
     >>> import jax.numpy as jnp
@@ -283,23 +295,21 @@ def label_by_path(
             "label_by_path: rules must be a mapping glob pattern -> label (or a list of"
             f" (pattern, label) pairs), e.g. {{'**/kernel': 'kernel'}}; got {rules!r}."
         ) from None
-    engine = GlobRules(
-        rules, lambda pattern, label: _hashable(label, f"the label of rule {pattern!r}")
-    )
+    engine = GlobRules(rules, lambda pattern, x: _hashable(x, f"the label of rule {pattern!r}"))
     _hashable(default, "default")
 
     def labels_fn(params: PyTree) -> PyTree:
         paths: list[str] = []
         won: list[int | None] = []
 
-        def label_of(path, leaf):
-            paths.append(path_to_str(tuple(key_name(e) for e in path)))
+        def label_of(path: Path, leaf):
+            paths.append(path_to_str(path))
             won.append(engine.first(paths[-1]))
             if _is_empty(leaf):
                 return leaf
             return default if won[-1] is None else engine.values[won[-1]]
 
-        labels = jax.tree_util.tree_map_with_path(label_of, params, is_leaf=_is_node_leaf)
+        labels = map_paths(label_of, params)
         if not allow_unmatched:
             engine.check_all_apply(
                 "label_by_path", paths, won, ", or pass allow_unmatched=True if that is intended"
@@ -307,55 +317,3 @@ def label_by_path(
         return labels
 
     return labels_fn
-
-
-class GlobRules:
-    """Ordered glob rules -> values: a path takes the first rule it matches.
-
-    The engine of `label_by_path` (values are labels) and `declared(rules=)`
-    (values are constraints); `convert(pattern, value)` checks each value.
-    """
-
-    def __init__(self, rules: Mapping[str, Any], convert: Callable[[str, Any], Any]):
-        self.patterns = list(rules)
-        self.regexes = [_compile_glob(p) for p in self.patterns]
-        self.values = [convert(p, v) for p, v in rules.items()]
-
-    def first(self, path: str) -> int | None:
-        """The index of the first rule `path` matches (None: no rule)."""
-        return next((i for i, r in enumerate(self.regexes) if r.match(path)), None)
-
-    def check_all_apply(self, owner: str, paths: list[str], won, alternative: str = "") -> None:
-        """Raises `ValueError` for a rule that won none of `paths` (`won`: each path's rule).
-
-        A rule that matches no path is a typo; one whose paths earlier rules all
-        took is in the wrong order. Nothing to check when there are no paths.
-        """
-        won = set(won)
-        dead = [i for i in range(len(self.patterns)) if i not in won]
-        if not dead or not paths:
-            return
-        taken = [(i, next((p for p in paths if self.regexes[i].match(p)), None)) for i in dead]
-        unmatched = [self.patterns[i] for i, path in taken if path is None]
-        if unmatched:
-            raise ValueError(
-                f"{owner}: rule(s) {unmatched} match no parameter (a typo?). Parameter paths:"
-                f" {sample(paths)}. Fix the pattern{alternative}. {GLOB_HELP}"
-            )
-        i, path = taken[0]
-        earlier = next(j for j in range(i) if self.regexes[j].match(path))
-        raise ValueError(
-            f"{owner}: rule {self.patterns[i]!r} never applies: every path it matches (e.g."
-            f" {path!r}) is taken first by the earlier rule {self.patterns[earlier]!r} (the"
-            f" first matching rule wins). Put the more specific rule first{alternative}."
-        )
-
-
-def _hashable(label, what: str):
-    try:
-        hash(label)
-    except TypeError:
-        raise TypeError(
-            f"label_by_path: {what} must be hashable (a string, say); got {label!r}."
-        ) from None
-    return label
