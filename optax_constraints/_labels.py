@@ -59,20 +59,19 @@ def shape_of(x) -> tuple[int, ...]:
     return tuple(getattr(x, "shape", ()))
 
 
-def _is_empty(x) -> bool:
+def is_empty(x) -> bool:
     return x is None or isinstance(x, optax.MaskedNode)
 
 
 def _is_node_leaf(x) -> bool:
-    return _is_empty(x) or is_variable(x)
+    return is_empty(x) or is_variable(x)
 
 
 def key_name(entry) -> str:
     """One path entry as a string segment: dict key, attribute name or index."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
+    return str(
+        next((getattr(entry, a) for a in ("key", "name", "idx") if hasattr(entry, a)), entry)
+    )
 
 
 def path_to_str(path: Path) -> str:
@@ -106,12 +105,6 @@ class Leaf:
         return path_to_str(self.path)
 
 
-def _prefixes(a: Path, b: Path) -> bool:
-    """Whether one of the two paths starts with the other."""
-    n = min(len(a), len(b))
-    return a[:n] == b[:n]
-
-
 def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
     """Pairs every array leaf of `params` with its label (`None` = unconstrained).
 
@@ -123,7 +116,7 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
     leaves: list[Leaf] = []
     empty: list[Path] = []
     for path, x in flat_paths(params):
-        if _is_empty(x):
+        if is_empty(x):
             empty.append(path)
         else:
             leaves.append(Leaf(len(leaves), path, value_of(x)))
@@ -149,7 +142,8 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
         out.append((leaf, entries[prefix]))
 
     for path in entries:  # a label at the root covers any tree, even one without leaves
-        if path and path not in used and not any(_prefixes(path, e) for e in empty):
+        at_empty = any(path[: len(e)] == e or e[: len(path)] == path for e in empty)
+        if path and path not in used and not at_empty:
             raise ValueError(
                 f"The label at '{path_to_str(path)}' matches no parameter: the labels tree"
                 f" does not fit the params. Parameter paths:"
@@ -164,11 +158,10 @@ def _level_hint(path: Path, others, this: str, other: str) -> str:
     others = set(others)
     if len(path) > 1 and path[1:] in others:
         extra, where, lacking = path[0], this, other
-    else:
-        extra = next((o[0] for o in others if len(o) == len(path) + 1 and o[1:] == path), None)
+    elif (extra := next((o[0] for o in others if o and o[1:] == path), None)) is not None:
         where, lacking = other, this
-        if extra is None:
-            return ""
+    else:
+        return ""
     example = " (variables['params'], not variables)" if extra == "params" else ""
     return (
         f" (The {where} have an extra top-level key {extra!r} that the {lacking} lack:"
@@ -228,18 +221,17 @@ class GlobRules:
 
     def check_all_apply(self, owner: str, paths: list[str], won, alternative: str = "") -> None:
         """Raises `ValueError` for a rule that won none of `paths` (`won`: each path's rule)."""
-        won = set(won)
-        dead = [i for i in range(len(self.patterns)) if i not in won]
-        if not dead or not paths:
-            return
-        taken = [(i, next((p for p in paths if self.matches(i, p)), None)) for i in dead]
-        unmatched = [self.patterns[i] for i, path in taken if path is None]
+        dead = sorted(set(range(len(self.patterns))) - set(won)) if paths else []
+        unmatched = [self.patterns[i] for i in dead if not any(self.matches(i, p) for p in paths)]
         if unmatched:
             raise ValueError(
                 f"{owner}: rule(s) {unmatched} match no parameter (a typo?). Parameter paths:"
                 f" {sample(paths)}. Fix the pattern{alternative}. {GLOB_HELP}"
             )
-        i, path = taken[0]
+        if not dead:
+            return
+        i = dead[0]
+        path = next(p for p in paths if self.matches(i, p))
         earlier = next(j for j in range(i) if self.matches(j, path))
         raise ValueError(
             f"{owner}: rule {self.patterns[i]!r} never applies: every path it matches (e.g."
@@ -305,7 +297,7 @@ def label_by_path(
         def label_of(path: Path, leaf):
             paths.append(path_to_str(path))
             won.append(engine.first(paths[-1]))
-            if _is_empty(leaf):
+            if is_empty(leaf):
                 return leaf
             return default if won[-1] is None else engine.values[won[-1]]
 
