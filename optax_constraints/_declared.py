@@ -93,12 +93,11 @@ def _box_class():
 
     ConstraintBox.__module__ = __name__
     ConstraintBox.__qualname__ = "ConstraintBox"
-    globals()["ConstraintBox"] = ConstraintBox  # so pickle finds it by name
     return ConstraintBox
 
 
 def __getattr__(name: str):
-    if name == "ConstraintBox":  # made on first use: defining it imports flax
+    if name == "ConstraintBox":  # made on first use (defining it imports flax); pickle finds it
         return _box_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -225,7 +224,7 @@ def _entries(tree) -> list[tuple[Path, str, Any, Any]]:
         return out
     return [
         (path, path_to_str(path), x, _declared_on(x, path))
-        for path, x in L.flat_paths(tree, _is_stop)
+        for path, x in L.flat_paths(tree, _is_stop)[0]
         if not L.is_empty(x)
     ]
 
@@ -248,17 +247,11 @@ class DeclaredLabels:
         self.labels = dict(labels)
 
     def __call__(self, params: PyTree) -> PyTree:
-        seen: set[Path] = set()
-
-        def label_of(path: Path, x):
-            if path in self.labels:
-                seen.add(path)
-            return x if L.is_empty(x) else self.labels.get(path)
-
-        labels = L.map_paths(label_of, params, _is_stop)
-        missing = [p for p in self.labels if p not in seen]
+        flat, treedef = L.flat_paths(params, _is_stop)
+        paths = {path for path, _ in flat}
+        missing = [p for p in self.labels if p not in paths]
         if missing:
-            found = [path_to_str(p) for p, _ in L.flat_paths(params, _is_stop)]
+            found = [path_to_str(path) for path, _ in flat]
             raise ValueError(
                 f"oc.declared: the parameter at '{path_to_str(missing[0])}' declares a"
                 f" constraint, but the params given have no leaf there"
@@ -268,7 +261,7 @@ class DeclaredLabels:
                 " the optimizer trains, e.g. oc.declared(nnx.state(model, nnx.Param))"
                 " for wrt=nnx.Param."
             )
-        return labels
+        return treedef.unflatten([x if L.is_empty(x) else self.labels.get(p) for p, x in flat])
 
     def __repr__(self):
         return f"DeclaredLabels({len(self.labels)} constrained leaves)"

@@ -79,17 +79,11 @@ def path_to_str(path: Path) -> str:
     return "/".join(path) if path else "<root>"
 
 
-def flat_paths(tree: PyTree, is_leaf=_is_node_leaf) -> list[tuple[Path, Any]]:
-    """`(path as key strings, leaf)` for every leaf; NNX `Variable`s and empty nodes are leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(tuple(map(key_name, path)), x) for path, x in flat]
-
-
-def map_paths(fn: Callable[[Path, Any], Any], tree: PyTree, is_leaf=_is_node_leaf) -> PyTree:
-    """`jax.tree.map` calling `fn(path as key strings, leaf)`."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: fn(tuple(map(key_name, path)), x), tree, is_leaf=is_leaf
-    )
+def flat_paths(tree: PyTree, is_leaf=_is_node_leaf) -> tuple[list[tuple[Path, Any]], Any]:
+    """`(path as key strings, leaf)` for every leaf, and the treedef; NNX `Variable`s and empty
+    nodes are leaves."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(tuple(map(key_name, path)), x) for path, x in flat], treedef
 
 
 @dataclass(frozen=True)
@@ -115,14 +109,14 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
     """
     leaves: list[Leaf] = []
     empty: list[Path] = []
-    for path, x in flat_paths(params):
+    for path, x in flat_paths(params)[0]:
         if is_empty(x):
             empty.append(path)
         else:
             leaves.append(Leaf(len(leaves), path, value_of(x)))
     labels = param_labels(params) if callable(param_labels) else param_labels
     entries: dict[Path, Hashable] = {}
-    for path, x in flat_paths(labels):
+    for path, x in flat_paths(labels)[0]:
         x = value_of(x)
         entries[path] = None if isinstance(x, optax.MaskedNode) else x
 
@@ -291,21 +285,14 @@ def label_by_path(
     _hashable(default, "default")
 
     def labels_fn(params: PyTree) -> PyTree:
-        paths: list[str] = []
-        won: list[int | None] = []
-
-        def label_of(path: Path, leaf):
-            paths.append(path_to_str(path))
-            won.append(engine.first(paths[-1]))
-            if is_empty(leaf):
-                return leaf
-            return default if won[-1] is None else engine.values[won[-1]]
-
-        labels = map_paths(label_of, params)
+        flat, treedef = flat_paths(params)
+        paths = [path_to_str(path) for path, _ in flat]
+        won = [engine.first(path) for path in paths]
         if not allow_unmatched:
             engine.check_all_apply(
                 "label_by_path", paths, won, ", or pass allow_unmatched=True if that is intended"
             )
-        return labels
+        labels = [default if i is None else engine.values[i] for i in won]
+        return treedef.unflatten([x if is_empty(x) else y for (_, x), y in zip(flat, labels)])
 
     return labels_fn
