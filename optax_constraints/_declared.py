@@ -1,7 +1,4 @@
-"""Constraints declared where the model is defined (NNX metadata, Linen boxes, Keras variables).
-
-Flax and Keras are imported lazily, only when met; see docs/routing.md.
-"""
+"""Constraints declared on the model: NNX metadata, Linen boxes, Keras variables (lazily)."""
 
 from __future__ import annotations
 
@@ -37,7 +34,10 @@ def _checked_constraint(obj, where: str):
     return constraint
 
 
-def _unstack(constraint, index: int, what: str):
+def _restack(constraint, index: int, added: int, what: str):
+    """The constraint of a param to which a transform added (+1) or removed (-1) axis `index`."""
+    if added > 0:
+        return C.Stacked(constraint, stack_axis=index)
     if isinstance(constraint, C.Stacked) and constraint.stack_axis == index:
         return constraint.constraint
     raise ValueError(
@@ -69,14 +69,13 @@ def _box_class():
             return self.replace(value=val)
 
         def add_axis(self, index: int, params: dict) -> ConstraintBox:
-            constraint = C.Stacked(self.constraint, stack_axis=index)
-            return self._moved_axis("add_axis", index, params, constraint, +1)
+            return self._moved_axis("add_axis", index, params, +1)
 
         def remove_axis(self, index: int, params: dict) -> ConstraintBox:
-            constraint = _unstack(self.constraint, index, "the Linen param")
-            return self._moved_axis("remove_axis", index, params, constraint, -1)
+            return self._moved_axis("remove_axis", index, params, -1)
 
-        def _moved_axis(self, method, index, params, constraint, added) -> ConstraintBox:
+        def _moved_axis(self, method, index, params, added) -> ConstraintBox:
+            constraint = _restack(self.constraint, index, added, "the Linen param")
             value = self.value
             if L.is_box(value):  # flax's meta.add_axis stops at the outermost box
                 value = getattr(value, method)(index, params)
@@ -105,10 +104,9 @@ def __getattr__(name: str):
 def with_constraint(init_fn: Callable, constraint) -> Callable:
     """Wraps a Linen initializer so that its param carries `constraint`.
 
-    Linen's `kernel_constraint=`: the param is made inside an `AxisMetadata`
-    box that `oc.declared` reads and `nn.unbox` removes. Under `nn.scan` /
-    `nn.vmap` the constraint becomes `oc.Stacked(constraint, stack_axis=i)`.
-    Wrap `nn.with_partitioning` inside it, not outside.
+    The param is made inside an `AxisMetadata` box that `oc.declared` reads
+    and `nn.unbox` removes; `nn.scan` / `nn.vmap` make the constraint
+    `oc.Stacked(constraint, stack_axis=i)`. Wrap `nn.with_partitioning` inside.
 
     Args:
       init_fn: a Flax initializer `(key, shape, dtype) -> array` (or -> a box).
@@ -139,23 +137,22 @@ def with_constraint(init_fn: Callable, constraint) -> Callable:
     return init
 
 
-def _nnx_on_add_axis(variable, index: int, axis_name) -> None:
-    stacked = C.Stacked(variable.get_metadata("constraint"), stack_axis=index)
-    variable.set_metadata(constraint=stacked)
+def _nnx_axis_hook(added: int, variable, index: int, axis_name) -> None:
+    constraint = _restack(variable.get_metadata("constraint"), index, added, "an NNX variable")
+    variable.set_metadata(constraint=constraint)
 
 
-def _nnx_on_remove_axis(variable, index: int, axis_name) -> None:
-    constraint = variable.get_metadata("constraint")
-    variable.set_metadata(constraint=_unstack(constraint, index, "an NNX variable"))
+_NNX_HOOKS = {  # one pair of objects, so that equal constraints give equal metadata
+    "on_add_axis": (functools.partial(_nnx_axis_hook, +1),),
+    "on_remove_axis": (functools.partial(_nnx_axis_hook, -1),),
+}
 
 
 def constraint_metadata(constraint) -> dict[str, Any]:
     """NNX `Variable` metadata declaring `constraint`, kept per layer when stacked.
 
-    `{"constraint": c}` plus the axis hooks through which `nnx.vmap` /
-    `nnx.scan` (given `transform_metadata`) make it `oc.Stacked(c,
-    stack_axis=i)`; for `kernel_metadata=`, `nnx.with_metadata(init, **m)`,
-    `nnx.Param(x, **m)`.
+    `{"constraint": c}` plus the hooks through which `nnx.vmap` / `nnx.scan`
+    (given `transform_metadata`) make it `oc.Stacked(c, stack_axis=i)`.
 
     >>> import jax
     >>> from flax import nnx
@@ -167,11 +164,7 @@ def constraint_metadata(constraint) -> dict[str, Any]:
     >>> oc.declared(make(jax.random.split(jax.random.key(0), 4)))[0]
     {'kernel': Stacked(MaxNorm(max_value=1.0, axis='fan_in'), stack_axis=0)}
     """
-    return {
-        "constraint": _checked_constraint(constraint, "constraint_metadata"),
-        "on_add_axis": (_nnx_on_add_axis,),
-        "on_remove_axis": (_nnx_on_remove_axis,),
-    }
+    return {"constraint": _checked_constraint(constraint, "constraint_metadata"), **_NNX_HOOKS}
 
 
 def _declared_on(x, path: Path):
@@ -230,10 +223,7 @@ def _entries(tree) -> list[tuple[Path, str, Any, Any]]:
 
 
 class DeclaredLabels:
-    """The `param_labels` of `oc.declared`: `params -> labels tree`, by path.
-
-    `labels` maps each constrained path (a tuple of keys) to its label.
-    Raises when a constrained path is missing from `params`.
+    """`oc.declared`'s `param_labels`: `params -> labels`, from `labels` (path tuple -> label).
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -272,18 +262,17 @@ def declared(
 ) -> tuple[dict[Hashable, C.Constraint], DeclaredLabels]:
     """The constraints a model declares, as `(constraints, param_labels)` for `project`.
 
-    Each constrained leaf is labelled by its "/"-joined path; the labels fit
-    the wrapped tree and the plain arrays alike. Leaves that declare nothing
-    are unconstrained. See docs/routing.md.
+    Each constrained leaf is labelled by its path; the labels fit the wrapped
+    tree and the plain arrays alike (docs/routing.md).
 
     Args:
       tree: an `nnx.Module` or `nnx.State` whose variables carry `constraint`
         metadata; Linen params boxed by `oc.with_constraint`; a Keras model,
         layer or list of variables (their `.constraint`).
-      rules: optional mapping glob -> constraint (or `None`) for leaves that
-        declare nothing, as `label_by_path` takes them.
-      prefer: which wins where a declaration and a rule differ: `"declared"`,
-        `"rules"`, or `None` (an error naming the leaf).
+      rules: mapping glob -> constraint (or `None`) for leaves that declare
+        nothing, as in `label_by_path`.
+      prefer: who wins where a declaration and a rule differ: `"declared"`,
+        `"rules"`, or `None` (an error).
 
     >>> import optax
     >>> from flax import nnx
@@ -294,7 +283,6 @@ def declared(
     >>> constraints
     {'bias': NonNeg(), 'kernel': MaxNorm(max_value=1.0, axis=0)}
     >>> tx = optax.chain(optax.sgd(0.1), oc.project(constraints, labels))
-    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     """
     if prefer not in (None, "declared", "rules"):
         raise ValueError(

@@ -1,7 +1,4 @@
-"""Which leaf gets which constraint: labels matched to params by key path, and path rules.
-
-Prefix labels and `None` as in `optax.partition`; see docs/routing.md.
-"""
+"""Which leaf gets which constraint: labels matched to params by key path, and path rules."""
 
 from __future__ import annotations
 
@@ -46,9 +43,7 @@ def is_box(x) -> bool:
 
 def value_of(x):
     """An NNX `Variable`'s array; anything else as it is."""
-    if is_variable(x):
-        return x.get_value() if hasattr(x, "get_value") else x.value
-    return x
+    return x.get_value() if is_variable(x) else x
 
 
 def shape_of(x) -> tuple[int, ...]:
@@ -80,8 +75,7 @@ def path_to_str(path: Path) -> str:
 
 
 def flat_paths(tree: PyTree, is_leaf=_is_node_leaf) -> tuple[list[tuple[Path, Any]], Any]:
-    """`(path as key strings, leaf)` for every leaf, and the treedef; NNX `Variable`s and empty
-    nodes are leaves."""
+    """`(path as key strings, leaf)` per leaf, and the treedef; `Variable`s, `None` are leaves."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(tuple(map(key_name, path)), x) for path, x in flat], treedef
 
@@ -100,12 +94,10 @@ class Leaf:
 
 
 def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
-    """Pairs every array leaf of `params` with its label (`None` = unconstrained).
+    """Pairs every array leaf of `params` with its label, reading labels as `optax.partition`.
 
-    A label at path `p` covers every leaf under `p`; the longest such prefix
-    wins. A label may point at, above or into a `None` / `optax.MaskedNode`
-    part of `params`. Raises `ValueError`, naming the leaf path and shape,
-    when the labels tree does not fit the params.
+    A label covers the leaves under its path (the longest such prefix wins).
+    Raises `ValueError` naming the leaf when the labels do not fit the params.
     """
     leaves: list[Leaf] = []
     empty: list[Path] = []
@@ -171,8 +163,8 @@ def sample(names, n: int = 6) -> str:
 
 
 @functools.cache
-def _compile_glob(pattern: str) -> re.Pattern:
-    """A glob as a regular expression over a "/"-joined path with "/" appended."""
+def _glob_matcher(pattern: str) -> Callable[[str], bool]:
+    """Whether a "/"-joined path matches `pattern` (a regex matched on the path + "/")."""
     if not isinstance(pattern, str) or not pattern.strip("/"):
         raise ValueError(f"label_by_path: got the rule {pattern!r}. {GLOB_HELP}")
     regex = [
@@ -182,41 +174,36 @@ def _compile_glob(pattern: str) -> re.Pattern:
         + "/"
         for seg in pattern.strip("/").split("/")
     ]
-    return re.compile("".join(regex) + r"\Z", re.DOTALL)
+    compiled = re.compile("".join(regex) + r"\Z", re.DOTALL)
+    return lambda path: compiled.match(path + "/") is not None
 
 
 def glob_match(pattern: str, path: str) -> bool:
-    """Whether a "/"-joined key `path` matches a `label_by_path` rule.
-
-    `*` matches within one segment, `?` one character, and a `**` segment any
-    number of whole segments, none included. The whole path must match.
+    """Whether a "/"-joined key `path` matches a glob (`*`: within a segment, `**`: any segments).
 
     >>> import optax_constraints as oc
     >>> oc.glob_match("**/kernel", "kernel"), oc.glob_match("*/kernel", "a/b/kernel")
     (True, False)
     """
-    return _compile_glob(pattern).match(path + "/") is not None
+    return _glob_matcher(pattern)(path)
 
 
 class GlobRules:
-    """Ordered glob rules -> values (`convert(pattern, value)` checks each): the first match wins."""
+    """Ordered glob rules -> values (each checked by `convert`); the first match wins."""
 
     def __init__(self, rules: Mapping[str, Any], convert: Callable[[str, Any], Any]):
         self.patterns = list(rules)
-        self.regexes = [_compile_glob(p) for p in self.patterns]
+        self.matchers = [_glob_matcher(p) for p in self.patterns]
         self.values = [convert(p, v) for p, v in rules.items()]
-
-    def matches(self, i: int, path: str) -> bool:
-        return self.regexes[i].match(path + "/") is not None
 
     def first(self, path: str) -> int | None:
         """The index of the first rule `path` matches (None: no rule)."""
-        return next((i for i in range(len(self.patterns)) if self.matches(i, path)), None)
+        return next((i for i, matches in enumerate(self.matchers) if matches(path)), None)
 
     def check_all_apply(self, owner: str, paths: list[str], won, alternative: str = "") -> None:
         """Raises `ValueError` for a rule that won none of `paths` (`won`: each path's rule)."""
         dead = sorted(set(range(len(self.patterns))) - set(won)) if paths else []
-        unmatched = [self.patterns[i] for i in dead if not any(self.matches(i, p) for p in paths)]
+        unmatched = [self.patterns[i] for i in dead if not any(self.matchers[i](p) for p in paths)]
         if unmatched:
             raise ValueError(
                 f"{owner}: rule(s) {unmatched} match no parameter (a typo?). Parameter paths:"
@@ -225,8 +212,8 @@ class GlobRules:
         if not dead:
             return
         i = dead[0]
-        path = next(p for p in paths if self.matches(i, p))
-        earlier = next(j for j in range(i) if self.matches(j, path))
+        path = next(p for p in paths if self.matchers[i](p))
+        earlier = next(j for j in range(i) if self.matchers[j](path))
         raise ValueError(
             f"{owner}: rule {self.patterns[i]!r} never applies: every path it matches (e.g."
             f" {path!r}) is taken first by the earlier rule {self.patterns[earlier]!r} (the"
@@ -247,12 +234,7 @@ def _hashable(label, what: str):
 def label_by_path(
     rules: Mapping[str, Hashable], default: Hashable = None, *, allow_unmatched: bool = False
 ) -> Callable[[PyTree], PyTree]:
-    """Labels each leaf by the first rule (a `glob_match` glob) its "/"-joined key path matches.
-
-    A path joins dict keys, attribute names and list indices with "/", so one
-    rule fits a dict, a `FrozenDict` and an `nnx.State` (with `Param` leaves
-    or plain arrays) alike. `None` and `optax.MaskedNode` nodes stay as they
-    are.
+    """Labels each leaf by the first glob rule its "/"-joined key path matches (docs/routing.md).
 
     Args:
       rules: mapping glob -> label (or a list of `(glob, label)` pairs), tried
@@ -262,8 +244,7 @@ def label_by_path(
         shadowed by earlier rules) raises `ValueError`.
 
     Returns:
-      A function `params -> labels`, the `param_labels` of `project` and
-      `optax.partition`.
+      A function `params -> labels`, as `project` and `optax.partition` take it.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
