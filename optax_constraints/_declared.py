@@ -87,9 +87,6 @@ def _box_class():
             inner = getattr(self.value, "get_partition_spec", None)
             return jax.sharding.PartitionSpec() if inner is None else inner()
 
-        def __repr__(self):
-            return f"ConstraintBox({self.value!r}, constraint={self.constraint!r})"
-
     ConstraintBox.__module__ = __name__
     ConstraintBox.__qualname__ = "ConstraintBox"
     return ConstraintBox
@@ -172,11 +169,8 @@ def _declared_on(x, path: Path):
     where = f"the parameter at '{path_to_str(path)}'"
     if L.is_variable(x) or _is_keras_variable(x):
         found = x.get_metadata("constraint", None) if L.is_variable(x) else x.constraint
-        if found is None:
-            return None
-        return _checked_constraint(
-            found, f"declared: the constraint on {where} (shape {shape_of(x)})"
-        )
+        at = f"declared: the constraint on {where} (shape {shape_of(x)})"
+        return None if found is None else _checked_constraint(found, at)
     ours, box = [], x
     while L.is_box(box):
         if type(box) is _box_class():
@@ -305,17 +299,19 @@ def declared(
     labels: dict[Path, Hashable] = {}
     won = [engine.first(name) for _, name, _, _ in entries]
     for (path, name, x, own), rule in zip(entries, won, strict=True):
-        rule_c = None if rule is None else engine.values[rule]  # a rule to None only exempts
-        if prefer is None and own is not None and rule_c is not None and own != rule_c:
-            pattern = engine.patterns[rule]
-            raise ValueError(
-                f"declared: the parameter at '{name}' (shape {shape_of(x)}) declares"
-                f" {own!r} and the rule {pattern!r} gives it {rule_c!r}. Say which"
-                " wins with prefer='declared' or prefer='rules', or narrow the rule"
-                " (an earlier rule mapping this path to None, e.g."
-                f" {{'{name}': None, {pattern!r}: ...}}, exempts it)."
-            )
-        chosen = rule_c if rule_c is not None and (own is None or prefer == "rules") else own
+        chosen = own
+        if rule is not None and engine.values[rule] is not None:  # a rule to None only exempts
+            pattern, rule_c = engine.patterns[rule], engine.values[rule]
+            if prefer is None and own is not None and own != rule_c:
+                raise ValueError(
+                    f"declared: the parameter at '{name}' (shape {shape_of(x)}) declares"
+                    f" {own!r} and the rule {pattern!r} gives it {rule_c!r}. Say which"
+                    " wins with prefer='declared' or prefer='rules', or narrow the rule"
+                    " (an earlier rule mapping this path to None, e.g."
+                    f" {{'{name}': None, {pattern!r}: ...}}, exempts it)."
+                )
+            if own is None or prefer == "rules":
+                chosen = rule_c
         if chosen is not None:
             constraints[name] = chosen
             labels[path] = name

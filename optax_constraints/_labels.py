@@ -64,9 +64,7 @@ def _is_node_leaf(x) -> bool:
 
 def key_name(entry) -> str:
     """One path entry as a string segment: dict key, attribute name or index."""
-    return str(
-        next((getattr(entry, a) for a in ("key", "name", "idx") if hasattr(entry, a)), entry)
-    )
+    return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
 
 
 def path_to_str(path: Path) -> str:
@@ -99,18 +97,14 @@ def resolve_labels(params: PyTree, param_labels) -> list[tuple[Leaf, Hashable]]:
     A label covers the leaves under its path (the longest such prefix wins).
     Raises `ValueError` naming the leaf when the labels do not fit the params.
     """
-    leaves: list[Leaf] = []
-    empty: list[Path] = []
-    for path, x in flat_paths(params)[0]:
-        if is_empty(x):
-            empty.append(path)
-        else:
-            leaves.append(Leaf(len(leaves), path, value_of(x)))
+    flat = flat_paths(params)[0]
+    empty = [path for path, x in flat if is_empty(x)]
+    arrays = [(path, value_of(x)) for path, x in flat if not is_empty(x)]
+    leaves = [Leaf(i, path, x) for i, (path, x) in enumerate(arrays)]
     labels = param_labels(params) if callable(param_labels) else param_labels
     entries: dict[Path, Hashable] = {}
     for path, x in flat_paths(labels)[0]:
-        x = value_of(x)
-        entries[path] = None if isinstance(x, optax.MaskedNode) else x
+        entries[path] = None if isinstance(x := value_of(x), optax.MaskedNode) else x
 
     used: set[Path] = set()
     out = []
@@ -167,14 +161,13 @@ def _glob_matcher(pattern: str) -> Callable[[str], bool]:
     """Whether a "/"-joined path matches `pattern` (a regex matched on the path + "/")."""
     if not isinstance(pattern, str) or not pattern.strip("/"):
         raise ValueError(f"label_by_path: got the rule {pattern!r}. {GLOB_HELP}")
-    regex = [
+    regex = "".join(
         "(?:.*/)?"  # '**': zero or more whole segments
         if seg == "**"
-        else "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in seg)
-        + "/"
+        else re.escape(seg).replace(r"\*", "[^/]*").replace(r"\?", "[^/]") + "/"
         for seg in pattern.strip("/").split("/")
-    ]
-    compiled = re.compile("".join(regex) + r"\Z", re.DOTALL)
+    )
+    compiled = re.compile(regex + r"\Z", re.DOTALL)
     return lambda path: compiled.match(path + "/") is not None
 
 
@@ -248,12 +241,10 @@ def label_by_path(
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
-    >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
-    ...           "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
-    >>> labels = oc.label_by_path({"LayerNorm_*/**": None, "**/kernel": "max_norm",
-    ...                            "**/bias": "non_neg"})
-    >>> labels(params)
-    {'Dense_0': {'bias': 'non_neg', 'kernel': 'max_norm'}, 'LayerNorm_0': {'bias': None, 'scale': None}}
+    >>> labels = oc.label_by_path({"LayerNorm_*/**": None, "**/kernel": "k", "**/bias": "b"})
+    >>> labels({"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+    ...         "LayerNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)}})
+    {'Dense_0': {'bias': 'b', 'kernel': 'k'}, 'LayerNorm_0': {'bias': None, 'scale': None}}
     """
     try:
         rules = dict(rules)
