@@ -57,8 +57,8 @@ def _box_class():
 
         value: Any
         constraint: Any = struct.field(pytree_node=False)
-        # The initializer's rank and the axes stacking transforms added since, so that
-        # `declared` sees a stacking this box missed (an outer `Partitioned` box keeps it).
+        # The initializer's rank and the axes transforms added since: `declared` spots an
+        # axis this box never saw (a `Partitioned` box outside it does not pass add_axis on).
         ndim: int = struct.field(pytree_node=False, default=0)
         added: int = struct.field(pytree_node=False, default=0)
 

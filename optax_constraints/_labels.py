@@ -227,17 +227,14 @@ def _hashable(label, what: str):
 def label_by_path(
     rules: Mapping[str, Hashable], default: Hashable = None, *, allow_unmatched: bool = False
 ) -> Callable[[PyTree], PyTree]:
-    """Labels each leaf by the first glob rule its "/"-joined key path matches (docs/routing.md).
+    """A `param_labels` function: each leaf gets the first glob rule its "/"-joined path matches.
 
     Args:
-      rules: mapping glob -> label (or a list of `(glob, label)` pairs), tried
-        in order. A rule to `None` exempts its leaves from later rules.
+      rules: mapping glob -> label (or a list of `(glob, label)` pairs), tried in
+        order (docs/routing.md). A rule to `None` exempts its leaves from later rules.
       default: the label of leaves no rule matches (`None`: unconstrained).
       allow_unmatched: if False, a rule that labels no leaf (a typo, or one
         shadowed by earlier rules) raises `ValueError`.
-
-    Returns:
-      A function `params -> labels`, as `project` and `optax.partition` take it.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
