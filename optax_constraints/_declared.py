@@ -260,13 +260,10 @@ def declared(
     tree and the plain arrays alike (docs/routing.md).
 
     Args:
-      tree: an `nnx.Module` or `nnx.State` whose variables carry `constraint`
-        metadata; Linen params boxed by `oc.with_constraint`; a Keras model,
-        layer or list of variables (their `.constraint`).
-      rules: mapping glob -> constraint (or `None`) for leaves that declare
-        nothing, as in `label_by_path`.
-      prefer: who wins where a declaration and a rule differ: `"declared"`,
-        `"rules"`, or `None` (an error).
+      tree: an `nnx.Module` / `nnx.State` with `constraint` metadata, Linen params
+        boxed by `oc.with_constraint`, or a Keras model, layer or list of variables.
+      rules: glob -> constraint (or `None`) for the leaves that declare nothing.
+      prefer: who wins where both give one: `"declared"`, `"rules"` or `None` (error).
 
     >>> import optax
     >>> from flax import nnx
