@@ -1,16 +1,7 @@
 """Keras's norm and sign projections, and the elementwise box, as pure functions.
 
-Every function here maps one array to one array of the same shape and dtype.
-The float32 formulas are Keras 3's, term for term, so results agree with
-`keras.constraints` to the last bit or two. Two things differ where Keras
-returns NaN: the gradient of the norm at an all-zero unit is zero, and
-`min_max_norm` with `rate < 1` on a unit whose norm overflows scales it by
-`1 - rate` (docs/nonfinite.md).
-
-Norm projections take `axis_name`: inside `jax.shard_map`, the mesh axes that
-split a unit, over which the per-unit sums are `psum`med.
-
-bfloat16 and float16 inputs are computed in float32 and cast back.
+The float32 formulas are Keras 3's, term for term; docs/nonfinite.md says
+where they differ (zero-unit gradients, overflowing units).
 """
 
 from __future__ import annotations
@@ -48,7 +39,7 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def as_array(w) -> jax.Array:
-    """`jnp.asarray(w)`, with a clear error when `w` is a pytree, not one array."""
+    """`jnp.asarray(w)`, with a clear error when `w` is a pytree."""
     try:
         return jnp.asarray(w)
     except (TypeError, ValueError):
@@ -67,15 +58,9 @@ def _short(x, n: int = 80) -> str:
 def projection(fn: _F) -> _F:
     """Makes `fn(w, ...)` compute in `w`'s compute dtype and return `w`'s dtype.
 
-    bfloat16/float16 inputs are computed in float32 and cast back; float32
-    and float64 inputs are computed as they are (a float64 array
-    hyper-parameter under x64 does not promote a float32 leaf). Inside a
-    trace (`jax.jit`, `grad`, ...) the formula is traced as written; an eager
-    call runs it as one compiled program (Python numbers and `axis` as
-    constants, arrays as arguments), so it rounds like the jitted call and
-    like Keras's own jitted step, not like a chain of eager operations.
-
-    Use it for your own projection functions:
+    bfloat16/float16 inputs are computed in float32 and cast back. An eager
+    call runs `fn` as one compiled program (Python numbers and `axis` as
+    constants), so it rounds like the jitted call and like Keras's jitted step.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import projection
@@ -115,14 +100,6 @@ def projection(fn: _F) -> _F:
     return wrapper  # pyright: ignore[reportReturnType]  (functools.wraps: fn's signature)
 
 
-def _safe_sqrt(x):
-    # sqrt(0) has an infinite derivative; route zeros through sqrt(1) so the
-    # gradient there is 0 (the forward value is unchanged: sqrt(0) == 0).
-    # A NaN sum stays NaN (as in Keras), so a unit that saw a NaN shows it.
-    zero = x == 0
-    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
-
-
 AxisName = str | tuple[str, ...] | None
 """Mesh axis names to `psum` per-unit sums over inside `jax.shard_map` (`None`: none)."""
 
@@ -131,18 +108,12 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> 
     """Euclidean norm of each unit: `sqrt(sum(w * w, axis, keepdims=True))`.
 
     Keras's formula, with a gradient of zero (not NaN) at an all-zero unit.
-    A unit whose sum of squares overflows (float32 entries near 1e19) has
-    norm `inf`; docs/nonfinite.md says what each constraint makes of it.
 
     Args:
       w: the array.
       axis: the axes of one unit (see `resolve_axis`).
       axis_name: inside `jax.shard_map`, the mesh axes that split the unit's
-        axes: the per-unit sums are `psum`med over them, so `w` may be the
-        local block of a sharded array (as `axis_name` in `jax.lax.psum`).
-
-    Returns:
-      An array with `w`'s rank (reduced axes kept with size 1).
+        axes; the per-unit sums are `psum`med over them.
 
     >>> unit_norms(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
     Array([[5., 0.]], dtype=float32)
@@ -151,7 +122,9 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> 
     sumsq = jnp.sum(w * w, axis=resolve_axis(axis, w.ndim), keepdims=True)
     if axis_name:
         sumsq = jax.lax.psum(sumsq, axis_name)
-    return _safe_sqrt(sumsq)
+    # sqrt'(0) is infinite: route zeros through sqrt(1) (gradient 0); NaN stays NaN.
+    zero = sumsq == 0
+    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, sumsq)))
 
 
 @projection
@@ -173,9 +146,6 @@ def max_norm(
       axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
       axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
         axes (see `unit_norms`).
-
-    Returns:
-      The projected weights, same shape and dtype.
 
     >>> import jax.numpy as jnp
     >>> import numpy as np
@@ -207,9 +177,8 @@ def min_max_norm(
        {\\epsilon + \\|w\\|}
 
     `rate=1` enforces the interval strictly; smaller rates move the norm part
-    of the way each time. An all-zero unit stays zero (it has no direction);
-    a unit whose norm overflows to `inf` is scaled by the limit of the
-    factor, `1 - rate` (Keras's formula gives `inf / inf`, NaN).
+    of the way each time. An all-zero unit stays zero; an overflowing one is
+    scaled by `1 - rate` (Keras's formula gives NaN).
 
     Args:
       w: the weights.
@@ -219,9 +188,6 @@ def min_max_norm(
       axis: axes of one unit.
       axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
         axes (see `unit_norms`).
-
-    Returns:
-      The projected weights, same shape and dtype.
 
     >>> import jax.numpy as jnp
     >>> import numpy as np
@@ -255,9 +221,7 @@ def unit_norm(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> j
 
 
 def non_neg(w: jax.Array) -> jax.Array:
-    """Elementwise `maximum(w, 0)`: negative entries (and -0.0) become +0.0.
-
-    Exact in every dtype, so it needs no float32 round trip.
+    """Elementwise `maximum(w, 0)`: negative entries (and -0.0) become +0.0; exact.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import non_neg
@@ -273,9 +237,7 @@ def clip(
     min_value: jax.typing.ArrayLike | None = None,
     max_value: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
-    """Elementwise box `[min_value, max_value]` (either bound may be `None`).
-
-    The Euclidean projection onto the box; exact in every dtype.
+    """Elementwise box `[min_value, max_value]` (either bound may be `None`); exact.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import clip
@@ -295,8 +257,6 @@ def center_around(w: jax.Array, ref_value: jax.typing.ArrayLike = 0.0) -> jax.Ar
     """Shifts `w` so its mean is `ref_value` (the Keras guide's custom example).
 
     .. math:: w' = w - \\mathrm{mean}(w) + r
-
-    The Euclidean projection onto `{w : mean(w) = r}`.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import center_around

@@ -20,24 +20,17 @@ def sphere(
 
     .. math:: w' = w \\cdot \\frac{r}{\\|w\\|}
 
-    the norm taken over `axis`, with no epsilon (unlike `unit_norm`, Keras's
-    formula, whose result is `1e-7 / ‖w‖` short of the sphere). An all-zero
-    unit has no nearest point on the sphere (every point is equally near):
-    it stays zero, as does a unit whose sum of squares underflows to zero in
-    the compute dtype. The gradient there is zero, not NaN.
+    the norm taken over `axis`, with no epsilon (unlike `unit_norm`). An
+    all-zero unit has no nearest point on the sphere: it stays zero (as does
+    one whose sum of squares underflows), with a zero gradient, not NaN.
 
     Args:
       w: the weights.
       radius: the norm of every unit (a number, or an array or tracer that
-        broadcasts against the per-unit norms, shape `w.shape` with the
-        `axis` dimensions set to 1).
+        broadcasts against the per-unit norms).
       axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
       axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
         axes (see `unit_norms`).
-
-    Returns:
-      The projected weights, same shape and dtype (bfloat16/float16 are
-      computed in float32 and rounded once).
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import sphere
@@ -47,13 +40,9 @@ def sphere(
 
     References:
       Absil, Mahony & Sepulchre, Optimization Algorithms on Matrix Manifolds,
-      Princeton University Press, 2008 (example 4.1.1: the projective
-      retraction on the sphere). Loshchilov, Hsieh, Sun & Ginsburg, nGPT:
-      Normalized Transformer with Representation Learning on the
-      Hypersphere, ICLR 2025.
+      2008 (example 4.1.1). Loshchilov et al., nGPT, ICLR 2025.
     """
     norms = unit_norms(w, axis, axis_name)
     zero = norms == 0
-    # Both branches of the `where` are finite at a zero unit, so the gradient
-    # is too; a NaN norm stays NaN (the unit shows it, nothing is repaired).
+    # Both branches are finite at a zero unit, so the gradient is too; NaN stays NaN.
     return w * jnp.where(zero, 0, radius / jnp.where(zero, 1, norms))
