@@ -50,6 +50,17 @@ def _kernel(w) -> jax.Array:
     return w
 
 
+def _peak_scaled(x):
+    """`x / max|x|` (so `x * x` neither overflows nor flushes to 0) and that scale.
+
+    Used where the result does not depend on the scale, so its derivative is
+    taken as constant (exactly).
+    """
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
+    scale = jnp.where(peak > 0, peak, 1)
+    return x / scale, scale
+
+
 def matrix_view(w: jax.Array) -> jax.Array:
     """`w` reshaped to `(fan_in, out) = (prod(shape[:-1]), shape[-1])`.
 
@@ -62,20 +73,6 @@ def matrix_view(w: jax.Array) -> jax.Array:
     """
     w = _kernel(w)
     return gathered(w).reshape((math.prod(w.shape[:-1]), w.shape[-1]))
-
-
-def _tall(fn):
-    """Runs `fn` on the matrix view, transposed to be tall; the result has `w`'s layout."""
-
-    @functools.wraps(fn)
-    def wrapper(w, *args, **kwargs):
-        w = _kernel(w)
-        a = matrix_view(w)
-        wide = a.shape[0] < a.shape[1]
-        out = fn(a.T if wide else a, *args, **kwargs)
-        return sharded_like((out.T if wide else out).reshape(w.shape), w)
-
-    return wrapper
 
 
 # -- spectral functions U f(S) V^T, differentiated by divided differences (Lewis
@@ -164,12 +161,7 @@ def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> ja
     References:
       Sedghi, Gupta & Long, The Singular Values of Convolutional Layers, ICLR 2019.
     """
-    return _clip_singular_values(w, max_value)
-
-
-@_tall
-def _clip_singular_values(a, max_value):
-    return _spectral_map(a, jnp.asarray(max_value, a.dtype), "clip")
+    return _on_tall_view(w, max_value, "clip")
 
 
 @projection
@@ -196,12 +188,15 @@ def orthogonal_svd(w: jax.Array) -> jax.Array:
     References:
       Higham, Computing the polar decomposition, SIAM J. Sci. Stat. Comput. 1986.
     """
-    return _polar_factor(w)
+    return _on_tall_view(w, 0, "polar")
 
 
-@_tall
-def _polar_factor(a):
-    return _spectral_map(a, jnp.zeros((), a.dtype), "polar")
+def _on_tall_view(w, c, kind):
+    """`_spectral_map` on the matrix view, transposed to be tall; laid out like `w`."""
+    a = matrix_view(w)
+    wide = a.shape[0] < a.shape[1]
+    out = _spectral_map(a.T if wide else a, jnp.asarray(c, a.dtype), kind)
+    return sharded_like((out.T if wide else out).reshape(w.shape), w)
 
 
 NEWTON_SCHULZ_ITERS = 25
@@ -220,23 +215,17 @@ def orthogonal_newton_schulz(
        X_0 = W / b, \\qquad X_{k+1} = \\tfrac32 X_k - \\tfrac12 X_k X_k^\\top X_k,
 
     with :math:`b^2 = \\min(\\operatorname{tr} G, \\max_i \\sum_j |G_{ij}|)`,
-    :math:`G = W^\\top W`, an upper bound on :math:`\\sigma_{\\max}(W)^2`.
-    Each singular value rises monotonically to 1, about 1.5x per iteration
-    while small, then quadratically: :math:`\\log_{1.5}(b/s_{\\min}) + 5`
-    iterations reach float32 accuracy (5-6 for a near-orthogonal kernel, about
-    25 for an ill-conditioned one; docs/performance.md). A rank-deficient `W`
-    converges to the partial isometry on its range (a zero kernel stays zero).
-
-    With `stop_early=True` the iteration stops 3 iterations after
-    :math:`\\max |X_k^\\top X_k - I| \\le 10^{-3}` (at most `num_iters` in
-    all); the skipped iterations are a `lax.cond`, and derivatives are those
-    of the iterations that ran.
+    :math:`G = W^\\top W`, a bound on :math:`\\sigma_{\\max}(W)^2`. About
+    :math:`\\log_{1.5}(b/s_{\\min}) + 5` iterations reach float32 accuracy:
+    5-6 for a near-orthogonal kernel, about 25 for an ill-conditioned one
+    (docs/performance.md). A rank-deficient `W` converges to the partial
+    isometry on its range.
 
     Args:
       w: kernel with at least 2 dimensions.
-      num_iters: number of iterations (a Python int), or the most with
-        `stop_early`.
-      stop_early: stop once converged (see above).
+      num_iters: number of iterations (a Python int), the most with `stop_early`.
+      stop_early: stop 3 iterations after :math:`\\max |X_k^\\top X_k - I| \\le
+        10^{-3}` (a `lax.cond` skips the rest).
 
     >>> import jax.numpy as jnp
     >>> import numpy as np
@@ -251,7 +240,36 @@ def orthogonal_newton_schulz(
     """
     check_iters("num_iters", num_iters, 0)
     w = _kernel(w)
-    return sharded_like(_newton_schulz(w, num_iters, bool(stop_early)), w)
+    x, _ = _peak_scaled(w)  # the polar factor ignores scale
+    layout = _Layout(x)
+    g, eye = gram(x)
+    # G is symmetric: Gershgorin's row sums may run over its first half of axes.
+    row_sums = jnp.sum(jnp.abs(g), axis=layout.half)
+    bound_sq = jnp.minimum(jnp.sum(x * x), jnp.max(row_sums))
+    positive = bound_sq > 0
+    # An all-zero kernel stays zero (and its gradient finite).
+    x = x * jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, bound_sq, 1)), 0)
+
+    def iteration(x):
+        # X (1.5 I - G / 2), or (1.5 I - G / 2) X for a wide view.
+        xs = layout.whole_short(x)
+        g = layout.gram(x, xs)
+        return layout.times(xs, 1.5 * eye - 0.5 * g), g
+
+    def settling_step(_, carry):
+        # A `cond` in a fixed-length loop, not a `while_loop`: reverse mode works.
+        def step(x, left):
+            x_new, g = iteration(x)
+            settled = jnp.max(jnp.abs(g - eye)) <= SETTLED
+            return x_new, jnp.where(settled, jnp.minimum(left, FINAL_ITERS), left) - 1
+
+        return jax.lax.cond(carry[1] > 0, lambda c: step(*c), lambda c: c, carry)
+
+    if stop_early:
+        x, _ = jax.lax.fori_loop(0, num_iters, settling_step, (x, jnp.int32(num_iters)))
+    else:
+        x = jax.lax.fori_loop(0, num_iters, lambda _, x: iteration(x)[0], x)
+    return sharded_like(x, w)
 
 
 SETTLED = 1e-3  # max |X^T X - I| after which `stop_early` runs FINAL_ITERS more
@@ -310,52 +328,7 @@ class _Layout:
         return jnp.tensordot(m, xs, (self.half, self.short), out_sharding=out)
 
 
-def _newton_schulz(x, num_iters, stop_early=False):
-    x, _ = _peak_scaled(x)  # the polar factor ignores scale
-    layout = _Layout(x)
-    g, eye = gram(x)
-    # G is symmetric: Gershgorin's row sums may run over its first half of axes.
-    row_sums = jnp.sum(jnp.abs(g), axis=layout.half)
-    bound_sq = jnp.minimum(jnp.sum(x * x), jnp.max(row_sums))
-    positive = bound_sq > 0
-    # An all-zero kernel stays zero (and its gradient finite).
-    x = x * jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, bound_sq, 1)), 0)
-
-    def iteration(x):
-        # X (1.5 I - G / 2), or (1.5 I - G / 2) X for a wide view.
-        xs = layout.whole_short(x)
-        g = layout.gram(x, xs)
-        return layout.times(xs, 1.5 * eye - 0.5 * g), g
-
-    if not stop_early:
-        return jax.lax.fori_loop(0, num_iters, lambda _, x: iteration(x)[0], x)
-
-    def settling_step(x, left):
-        x_new, g = iteration(x)
-        settled = jnp.max(jnp.abs(g - eye)) <= SETTLED
-        left = jnp.where(settled, jnp.minimum(left, FINAL_ITERS), left)
-        return x_new, left - 1
-
-    def maybe_step(_, carry):
-        # A `cond` in a fixed-length loop, not a `while_loop`: reverse mode works.
-        return jax.lax.cond(carry[1] > 0, lambda c: settling_step(*c), lambda c: c, carry)
-
-    x, _ = jax.lax.fori_loop(0, num_iters, maybe_step, (x, jnp.int32(num_iters)))
-    return x
-
-
 # -- power iteration ---------------------------------------------------------
-
-
-def _peak_scaled(x):
-    """`x / max|x|` (so `x * x` neither overflows nor flushes to 0) and that scale.
-
-    Used where the result does not depend on the scale, so its derivative is
-    taken as constant (exactly).
-    """
-    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
-    scale = jnp.where(peak > 0, peak, 1)
-    return x / scale, scale
 
 
 def _normalize(x, fallback):

@@ -1,9 +1,7 @@
 """Tangent maps: an update `u` moved into the tangent space (or cone) of a set at `w`.
 
-The constraints' `tangent` hooks bind these; `oc.tangent` applies them to
-a parameter tree. Each function takes the point `w` and the update `u`
-(same shape), computes in float32 for bfloat16/float16 inputs, and returns
-an array of `u`'s dtype.
+Each takes the point `w` and the update `u`, computes in float32 for
+bfloat16/float16, and returns an array of `u`'s dtype.
 """
 
 from __future__ import annotations
@@ -21,14 +19,13 @@ from optax_constraints.projections._sharding import sharded_like
 BOUNDARY_RTOL = 2.0**-16
 """A norm ball's boundary, relative: `‖w‖ >= m (1 - BOUNDARY_RTOL) - 1e-7` is on it.
 
-After `MaxNorm`'s projection a unit's norm is `m ‖w‖ / (1e-7 + ‖w‖)`, just
-inside `m` (Keras's epsilon), plus the rounding of a sum over the unit; this
-slack (about 500 float32 ulps) counts such units as on the boundary.
+The slack (about 500 float32 ulps) counts units just projected by `MaxNorm`
+(Keras's epsilon leaves them just inside) as on the boundary.
 """
 
 
 def _in_compute_dtype(fn):
-    """`fn(w, u, ...)` run in the compute dtype of `w` and `u`; the result in `u`'s dtype."""
+    """`fn(w, u, ...)` run in the compute dtype of `w` and `u`; returns `u`'s dtype."""
 
     @functools.wraps(fn)
     def wrapper(w, u, *args, **kwargs):
@@ -59,8 +56,7 @@ def sphere_tangent(
 ) -> jax.Array:
     """Per unit, `u` minus its component along `w`: `u - <u, w> w / ‖w‖²`.
 
-    The tangent space of the sphere through `w` (any radius). A zero unit
-    has none; its update is returned unchanged.
+    The tangent space of the sphere through `w`; a zero unit's update is unchanged.
 
     >>> import jax.numpy as jnp
     >>> sphere_tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
@@ -82,11 +78,9 @@ def ball_tangent(
 ) -> jax.Array:
     """The tangent cone of `‖w‖ <= max_value` (and `‖w‖ >= min_value`), per unit.
 
-    Inside the ball `u` is unchanged; on its boundary (see `BOUNDARY_RTOL`)
-    an outward radial component (`<u, w> > 0`) is removed, an inward one
-    kept. With `min_value > 0` (a shell, `MinMaxNorm`), on the inner
-    boundary (`‖w‖ <= min_value (1 + BOUNDARY_RTOL) + 1e-7`) an inward
-    radial component is removed.
+    Inside, `u` is unchanged; on the boundary (see `BOUNDARY_RTOL`) an
+    outward radial component (`<u, w> > 0`) is removed. With `min_value > 0`
+    (a shell), on the inner boundary an inward radial component is removed.
 
     >>> import jax.numpy as jnp
     >>> ball_tangent(jnp.array([[1.0, 0.5], [0.0, 0.0]]), jnp.array([[2.0, 2.0], [3.0, 3.0]]), 1.0)
@@ -121,9 +115,8 @@ def box_tangent(
 ) -> jax.Array:
     """The tangent cone of the box `[min_value, max_value]`, elementwise.
 
-    Where `w` is at (or beyond) a bound, the component of `u` pointing out
-    of the box is set to zero; everywhere else `u` is unchanged. Exact in
-    every dtype (it only selects).
+    Where `w` is at (or beyond) a bound, a component of `u` pointing out of
+    the box is set to zero; exact in every dtype.
 
     >>> import jax.numpy as jnp
     >>> box_tangent(jnp.array([0.0, 0.0, 0.5]), jnp.array([-1.0, 1.0, -1.0]), 0.0)
@@ -142,10 +135,8 @@ def box_tangent(
 def stiefel_tangent(w: jax.Array, u: jax.Array) -> jax.Array:
     """The tangent space of the Stiefel manifold at the `(fan_in, out)` view of `w`.
 
-    For a tall view (`fan_in >= out`, orthonormal columns) `U - W sym(WᵀU)`
-    with `sym(A) = (A + Aᵀ) / 2`, so that `WᵀV + VᵀW = 0` when `WᵀW = I`;
-    a wide view (orthonormal rows) is handled transposed,
-    `U - sym(U Wᵀ) W`.
+    `U - W sym(WᵀU)`, `sym(A) = (A + Aᵀ) / 2`, for a tall view (orthonormal
+    columns); a wide view is handled transposed, `U - sym(U Wᵀ) W`.
 
     >>> import jax.numpy as jnp
     >>> stiefel_tangent(jnp.eye(2), jnp.array([[1.0, 2.0], [0.0, 3.0]]))
@@ -153,8 +144,7 @@ def stiefel_tangent(w: jax.Array, u: jax.Array) -> jax.Array:
            [-1.,  0.]], dtype=float32)
 
     References:
-      Edelman, Arias & Smith, The Geometry of Algorithms with Orthogonality
-      Constraints, SIAM J. Matrix Anal. Appl. 20(2), 1998.
+      Edelman, Arias & Smith, SIAM J. Matrix Anal. Appl. 20(2), 1998.
     """
     a, b = matrix_view(w), matrix_view(u)
     wide = a.shape[0] < a.shape[1]
