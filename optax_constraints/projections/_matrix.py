@@ -25,8 +25,6 @@ from optax_constraints.projections._sharding import (
 def check_iters(name: str, value, low: int, *, owner: str = "", low_name: str = "") -> None:
     """Raises `ValueError` unless `value` is a Python int (not a bool) `>= low`.
 
-    `owner` prefixes the message; `low_name` names the bound when it is another argument.
-
     >>> check_iters("num_iters", 0, 1, owner="Orthogonal")
     Traceback (most recent call last):
     ValueError: Orthogonal: num_iters must be an int >= 1; got num_iters=0.
@@ -51,11 +49,7 @@ def _kernel(w) -> jax.Array:
 
 
 def _peak_scaled(x):
-    """`x / max|x|` (so `x * x` neither overflows nor flushes to 0) and that scale.
-
-    Used where the result does not depend on the scale, so its derivative is
-    taken as constant (exactly).
-    """
+    """`x / max|x|` (so `x * x` stays in range) and the scale, a constant for derivatives."""
     peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
     scale = jnp.where(peak > 0, peak, 1)
     return x / scale, scale
@@ -114,9 +108,7 @@ def _spectral_map_jvp(kind, primals, tangents):
     u, s, vt, f, fprime, f_at_zero = _spectral_parts(a, c, kind)
     v = vt.T
     out = (u * f) @ vt
-    # In the singular bases, da = U A V^T + (I - U U^T) da: the first part
-    # moves singular values and rotates within the span, the second rotates
-    # the left singular vectors out of it.
+    # In the singular bases, da = U A V^T + (I - U U^T) da.
     a_in = u.T @ da @ v
     sym, anti = (a_in + a_in.T) / 2, (a_in - a_in.T) / 2
     si, sj = s[:, None], s[None, :]
@@ -143,40 +135,31 @@ def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> ja
 
     .. math:: P(W) = U \\min(\\Sigma, m) V^\\top
 
-    is the nearest matrix (in Frobenius norm) whose largest singular value is
-    at most :math:`m`; a kernel already inside the ball is returned bit for
-    bit. A sharded kernel is gathered for the SVD and laid out again.
+    A kernel inside the ball comes back bit for bit; a sharded one is gathered
+    for the SVD. Gradients stay finite where singular values coincide.
 
     Args:
       w: kernel with at least 2 dimensions.
       max_value: the bound :math:`m \\ge 0` (number, array or tracer).
 
     >>> import jax.numpy as jnp
-    >>> import numpy as np
     >>> from optax_constraints.projections import spectral_norm_svd
-    >>> w = jnp.array([[3.0, 0.0], [0.0, 0.5]])
-    >>> np.asarray(spectral_norm_svd(w, 1.0)).round(4).tolist()
-    [[1.0, 0.0], [0.0, 0.5]]
-
-    References:
-      Sedghi, Gupta & Long, The Singular Values of Convolutional Layers, ICLR 2019.
+    >>> spectral_norm_svd(jnp.array([[3.0, 0.0], [0.0, 0.5]]), 1.0)
+    Array([[1. , 0. ],
+           [0. , 0.5]], dtype=float32)
     """
     return _on_tall_view(w, max_value, "clip")
 
 
 @projection
 def orthogonal_svd(w: jax.Array) -> jax.Array:
-    """The nearest semi-orthogonal matrix: the polar factor `U V^T`.
+    """The nearest semi-orthogonal matrix: the polar factor `U V^T` of the `(fan_in, out)` view.
 
-    With the SVD of the `(fan_in, out)` view :math:`W = U \\Sigma V^\\top`,
-    :math:`P(W) = U V^\\top` minimises :math:`\\|W - Q\\|_F` over
-    :math:`Q` with orthonormal columns (or rows, when `fan_in < out`). For a
-    rank-deficient `W` the SVD's choice among the nearest points is returned,
-    with derivative 0 in the undetermined directions. Gathers a sharded
-    kernel; `orthogonal_newton_schulz` does not.
-
-    Args:
-      w: kernel with at least 2 dimensions.
+    :math:`P(W) = U V^\\top` minimises :math:`\\|W - Q\\|_F` over :math:`Q`
+    with orthonormal columns (or rows, when `fan_in < out`). For a
+    rank-deficient `W` the SVD's choice is returned, with derivative 0 in the
+    undetermined directions. Gathers a sharded kernel, unlike
+    `orthogonal_newton_schulz`.
 
     >>> import jax.numpy as jnp
     >>> import numpy as np
@@ -184,9 +167,6 @@ def orthogonal_svd(w: jax.Array) -> jax.Array:
     >>> q = orthogonal_svd(jnp.array([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
     >>> bool(np.allclose(q.T @ q, np.eye(2), atol=1e-5))
     True
-
-    References:
-      Higham, Computing the polar decomposition, SIAM J. Sci. Stat. Comput. 1986.
     """
     return _on_tall_view(w, 0, "polar")
 
@@ -217,9 +197,8 @@ def orthogonal_newton_schulz(
     with :math:`b^2 = \\min(\\operatorname{tr} G, \\max_i \\sum_j |G_{ij}|)`,
     :math:`G = W^\\top W`, a bound on :math:`\\sigma_{\\max}(W)^2`. About
     :math:`\\log_{1.5}(b/s_{\\min}) + 5` iterations reach float32 accuracy:
-    5-6 for a near-orthogonal kernel, about 25 for an ill-conditioned one
-    (docs/performance.md). A rank-deficient `W` converges to the partial
-    isometry on its range.
+    5-6 for a near-orthogonal kernel, about 25 for an ill-conditioned one. A
+    rank-deficient `W` converges to the partial isometry on its range.
 
     Args:
       w: kernel with at least 2 dimensions.
@@ -235,8 +214,7 @@ def orthogonal_newton_schulz(
     True
 
     References:
-      Higham, Functions of Matrices, SIAM 2008, section 8.3. Björck & Bowie,
-      SIAM J. Numer. Anal. 8(2), 1971.
+      Higham, Functions of Matrices, SIAM 2008, section 8.3.
     """
     check_iters("num_iters", num_iters, 0)
     w = _kernel(w)
@@ -280,14 +258,8 @@ def gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The Gram matrix of the smaller side of `x`'s `(fan_in, out)` view, and its identity.
 
     `W^T W` (shape `(out, out)`) when `fan_in >= out`, else `W W^T` (shape
-    `(*fan_in_axes, *fan_in_axes)`), contracted in place. On `Explicit` mesh
-    axes only the smaller side is gathered; the result's second half of axes
-    is split like it.
-
-    >>> import jax.numpy as jnp
-    >>> g, eye = gram(jnp.ones((3, 3, 2, 4)))
-    >>> g.shape, eye.shape
-    ((4, 4), (4, 4))
+    `(*fan_in_axes, *fan_in_axes)`), contracted in place; on `Explicit` mesh
+    axes only the smaller side is gathered.
     """
     x = _kernel(x)
     layout = _Layout(x)
@@ -296,8 +268,7 @@ def gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class _Layout:
-    """Which side of a kernel a Gram matrix sums over (`long`) and keeps (`short`), and
-    where each product lives (`spec`: the kernel's `PartitionSpec` entries, or `None`s)."""
+    """The sides a Gram matrix sums over (`long`) and keeps (`short`), and the kernel's spec."""
 
     def __init__(self, x):
         k = x.ndim - 1
@@ -339,11 +310,7 @@ def _normalize(x, fallback):
 
 
 class _Products:
-    """Products of a kernel's `(fan_in, out)` view with vectors, contracted in place.
-
-    A left vector has shape `shape[:-1]`, a right one `(out,)`; on a sharded
-    kernel each is laid out like the axes it multiplies, so the kernel never moves.
-    """
+    """`(fan_in, out)`-view products with left (`shape[:-1]`) and right vectors, in place."""
 
     def __init__(self, w):
         self.w = w = _kernel(w)
@@ -380,26 +347,25 @@ class _Products:
 def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
     """Estimates the largest singular value of a matrix by power iteration.
 
-    With `w2d` of shape `(m, n)` (a kernel's `(fan_in, out)` view) and a unit
-    vector `u` of length `n`, each iteration computes
+    With `w2d` of shape `(m, n)` and a unit vector `u` of length `n`, each
+    iteration computes
 
     .. math:: v \\leftarrow \\frac{W u}{\\|W u\\|}, \\qquad
        u \\leftarrow \\frac{W^\\top v}{\\|W^\\top v\\|}, \\qquad
        \\sigma = \\|W^\\top v\\| = v^\\top W u,
 
-    so :math:`\\sigma \\le \\sigma_{\\max}(W)`. Keeping `u` between calls, as
-    in spectral normalization, makes one iteration per step enough. A zero
-    vector restarts from the normalized all-ones vector. A kernel
-    `(*fan_in_axes, out)` may be passed as it is (contracted in place; `v`
-    then has shape `shape[:-1]`); `u_new` comes back laid out like `u`.
+    so :math:`\\sigma \\le \\sigma_{\\max}(W)`. Keeping `u` between calls (as
+    spectral normalization does) makes one iteration per step enough; a zero
+    vector restarts from the normalized all-ones one.
 
     Args:
-      w2d: a matrix `(m, n)`, or a kernel with at least 2 dimensions.
+      w2d: a matrix `(m, n)`, or a kernel `(*fan_in_axes, out)`, contracted in
+        place as its `(fan_in, out)` view.
       u: current estimate of the top right singular vector, shape `(n,)`.
       num_iters: iterations to run (a Python int >= 1).
 
     Returns:
-      `(sigma, u_new, v)`: the estimate, the updated right vector (`(n,)`)
+      `(sigma, u_new, v)`: the estimate, the right vector (laid out like `u`)
       and the left vector (`(m,)`, or `shape[:-1]` for a kernel).
 
     >>> import jax.numpy as jnp
@@ -443,41 +409,29 @@ def power_iteration_until_settled(
     """Power iteration that runs until its estimate of `sigma_max` has settled.
 
     The iterations of `power_iteration`, at least `min_iters` and at most
-    `max_iters`, stopping after the first one whose input `u` had a relative
-    residual as an eigenvector of :math:`B = W^\\top W` below `rtol`:
-
-    .. math:: \\|B u - \\rho u\\| \\le \\mathrm{rtol}\\, \\rho, \\qquad
-       \\rho = \\|W u\\|^2,
-
-    (from the products the iteration makes anyway). The returned vector is
-    one iteration past that `u`. :math:`\\sigma \\le \\sigma_{\\max}` always
-    (up to rounding): rescaling by it can overshoot the bound, never
-    undershoot it. A small residual means :math:`\\rho` is near *an*
-    eigenvalue of :math:`B`, in practice a mean of the top ones not yet
-    separated (a 1-2% wide top cluster is the worst case; measured errors in
-    docs/performance.md); only an SVD certifies :math:`\\sigma_{\\max}`.
-
-    The loop runs on `stop_gradient(w2d)`; the returned `sigma = v^T W u` is
-    differentiable in `w2d` with `u`, `v` fixed (the derivative of
-    :math:`\\sigma_{\\max}` at convergence). Like `power_iteration`, it takes
-    a kernel as it is.
+    `max_iters`, stopping one iteration after a `u` whose relative residual as
+    an eigenvector of :math:`B = W^\\top W` is below `rtol`:
+    :math:`\\|B u - \\rho u\\| \\le \\mathrm{rtol}\\, \\rho`, :math:`\\rho =
+    \\|W u\\|^2`. Then :math:`\\rho` is near *an* eigenvalue of :math:`B`, in
+    practice a mean of the top ones; :math:`\\sigma \\le \\sigma_{\\max}`
+    always, and only an SVD certifies it (docs/performance.md has the errors).
+    The loop runs on `stop_gradient(w2d)`; `sigma = v^T W u` is differentiable
+    in `w2d` with `u`, `v` fixed.
 
     Args:
-      w2d: a matrix `(m, n)`, or a kernel with at least 2 dimensions.
+      w2d: a matrix `(m, n)`, or a kernel (as in `power_iteration`).
       u: current estimate of the top right singular vector, shape `(n,)`.
       min_iters: iterations always run (a Python int >= 1).
       max_iters: the most iterations (a Python int >= min_iters).
       rtol: the relative residual at which the estimate counts as settled.
 
     Returns:
-      `(sigma, u_new, v, iters)`: the estimate, the right (`(n,)`) and left
-      (`(m,)`) vectors, and the number of iterations run (int32).
+      `(sigma, u_new, v, iters)`, `iters` the number of iterations run (int32).
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import power_iteration_until_settled
     >>> w = jnp.array([[3.0, 0.0], [0.0, 2.9]])  # a small gap: slow to separate
-    >>> u0 = jnp.ones(2) / 2**0.5
-    >>> sigma, u, v, iters = power_iteration_until_settled(w, u0)
+    >>> sigma, u, v, iters = power_iteration_until_settled(w, jnp.ones(2) / 2**0.5)
     >>> round(float(sigma), 2), 1 < int(iters) < 100
     (3.0, True)
     """
@@ -518,15 +472,9 @@ def spectral_rescale(
 
     .. math:: w' = w \\cdot \\min\\left(1, \\frac{m}{\\sigma}\\right)
 
-    With :math:`\\sigma` the (estimated) largest singular value, this is
-    spectral normalization applied only when the bound is exceeded: feasible
-    when :math:`\\sigma` is exact, but not the nearest feasible kernel (that
-    is `spectral_norm_svd`).
-
-    Args:
-      w: the kernel (any shape).
-      max_value: the bound :math:`m \\ge 0`.
-      sigma: the largest singular value of `w` (or an estimate).
+    With :math:`\\sigma` the (estimated) largest singular value: feasible when
+    :math:`\\sigma` is exact, but not the nearest feasible kernel (that is
+    `spectral_norm_svd`).
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import spectral_rescale
