@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from optax_constraints.projections._norms import projection
+from optax_constraints.projections._norms import projection, safe_div
 from optax_constraints.projections._sharding import (
     explicit_spec,
     gathered,
@@ -87,11 +87,6 @@ def _spectral_parts(a, c, kind):
     return u, s, vt, f, fprime, f_at_zero
 
 
-def _safe_div(num, den, fallback):
-    nonzero = den != 0
-    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), fallback)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _spectral_map(a, c, kind):
     u, s, vt, f, _, _ = _spectral_parts(a, c, kind)
@@ -113,9 +108,9 @@ def _spectral_map_jvp(kind, primals, tangents):
     sym, anti = (a_in + a_in.T) / 2, (a_in - a_in.T) / 2
     si, sj = s[:, None], s[None, :]
     fi, fj = f[:, None], f[None, :]
-    d_sym = _safe_div(fi - fj, si - sj, fprime[:, None] * jnp.ones_like(sj))
-    d_anti = _safe_div(fi + fj, si + sj, f_at_zero)
-    ratio = _safe_div(f, s, f_at_zero)  # f(s) / s
+    d_sym = safe_div(fi - fj, si - sj, fprime[:, None] * jnp.ones_like(sj))
+    d_anti = safe_div(fi + fj, si + sj, f_at_zero)
+    ratio = safe_div(f, s, f_at_zero)  # f(s) / s
     inner = d_sym * sym + d_anti * anti
     if kind == "clip":
         inner = inner + jnp.diag((s > c).astype(s.dtype) * dc)

@@ -42,16 +42,18 @@ def as_array(w) -> jax.Array:
     try:
         return jnp.asarray(w)
     except (TypeError, ValueError):
+        text = repr(w) if len(repr(w)) <= 80 else repr(w)[:77] + "..."
         raise TypeError(
-            f"A constraint projects one array; got {type(w).__name__} {_short(w)}. To"
+            f"A constraint projects one array; got {type(w).__name__} {text}. To"
             " constrain a parameter tree use oc.apply_constraints(params, constraints,"
             " param_labels) or oc.project(constraints, param_labels) in the optimizer."
         ) from None
 
 
-def _short(x, n: int = 80) -> str:
-    text = repr(x)
-    return text if len(text) <= n else text[: n - 3] + "..."
+def safe_div(num, den, fallback: jax.typing.ArrayLike = 0):
+    """`num / den` where `den != 0`, else `fallback`; finite gradients either way (NaN stays)."""
+    nonzero = den != 0
+    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), fallback)
 
 
 def projection(fn: _F) -> _F:
@@ -200,6 +202,42 @@ def unit_norm(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> j
     """
     norms = unit_norms(w, axis, axis_name)
     return w / (EPSILON + norms)
+
+
+@projection
+def sphere(
+    w: jax.Array,
+    radius: jax.typing.ArrayLike = 1.0,
+    axis: AxisSpec = 0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    """Rescales each unit onto the sphere of `radius`: the exact projection.
+
+    .. math:: w' = w \\cdot \\frac{r}{\\|w\\|}
+
+    the norm taken over `axis`, with no epsilon (unlike `unit_norm`). An
+    all-zero unit has no nearest point on the sphere: it stays zero (as does
+    one whose sum of squares underflows), with a zero gradient, not NaN.
+
+    Args:
+      w: the weights.
+      radius: the norm of every unit (a number, or an array or tracer that
+        broadcasts against the per-unit norms).
+      axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
+      axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
+        axes (see `unit_norms`).
+
+    >>> import jax.numpy as jnp
+    >>> from optax_constraints.projections import sphere
+    >>> sphere(jnp.array([[3.0, 0.0], [4.0, 0.0]]), radius=2.0)
+    Array([[1.2, 0. ],
+           [1.6, 0. ]], dtype=float32)
+
+    References:
+      Absil, Mahony & Sepulchre, Optimization Algorithms on Matrix Manifolds,
+      2008 (example 4.1.1). Loshchilov et al., nGPT, ICLR 2025.
+    """
+    return w * safe_div(radius, unit_norms(w, axis, axis_name))
 
 
 def non_neg(w: jax.Array) -> jax.Array:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from optax_constraints.projections._axis import AxisSpec, resolve_axis
 from optax_constraints.projections._matrix import matrix_view
-from optax_constraints.projections._norms import EPSILON, AxisName, compute_dtype
+from optax_constraints.projections._norms import EPSILON, AxisName, compute_dtype, safe_div
 from optax_constraints.projections._sharding import sharded_like
 
 BOUNDARY_RTOL = 2.0**-16
@@ -45,11 +45,6 @@ def _radial(w, u, axes, axis_name=None):
     return inner, sumsq
 
 
-def _safe_ratio(num, den):
-    zero = den == 0  # a NaN stays NaN
-    return jnp.where(zero, 0, num / jnp.where(zero, 1, den))
-
-
 @_in_compute_dtype
 def sphere_tangent(
     w: jax.Array, u: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None
@@ -64,7 +59,7 @@ def sphere_tangent(
            [3.]], dtype=float32)
     """
     inner, sumsq = _radial(w, u, resolve_axis(axis, w.ndim), axis_name)
-    return u - _safe_ratio(inner, sumsq) * w
+    return u - safe_div(inner, sumsq) * w
 
 
 @_in_compute_dtype
@@ -93,7 +88,7 @@ def ball_tangent(
     if min_value is not None:
         at_min = (norms <= min_value * (1 + BOUNDARY_RTOL) + EPSILON) & (min_value > 0)
         blocked = blocked | (at_min & (inner < 0))
-    return u - jnp.where(blocked, _safe_ratio(inner, sumsq), 0) * w
+    return u - jnp.where(blocked, safe_div(inner, sumsq), 0) * w
 
 
 @_in_compute_dtype
