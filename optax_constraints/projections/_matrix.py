@@ -56,10 +56,9 @@ def _peak_scaled(x):
 
 
 def matrix_view(w: jax.Array) -> jax.Array:
-    """`w` reshaped to `(fan_in, out) = (prod(shape[:-1]), shape[-1])`.
+    """`w` reshaped to `(fan_in, out) = (prod(shape[:-1]), shape[-1])`, gathered if sharded.
 
-    Raises `ValueError` for arrays with fewer than 2 dimensions. A kernel
-    sharded over `Explicit` mesh axes is gathered first.
+    Raises `ValueError` for arrays with fewer than 2 dimensions.
 
     >>> import jax.numpy as jnp
     >>> matrix_view(jnp.zeros((3, 3, 4, 8))).shape
@@ -127,19 +126,13 @@ def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> ja
     """Euclidean projection onto the spectral-norm ball `{W : sigma_max(W) <= m}`.
 
     With the SVD of the `(fan_in, out)` view :math:`W = U \\Sigma V^\\top`,
-
-    .. math:: P(W) = U \\min(\\Sigma, m) V^\\top
-
-    A kernel inside the ball comes back bit for bit; a sharded one is gathered
-    for the SVD. Gradients stay finite where singular values coincide.
-
-    Args:
-      w: kernel with at least 2 dimensions.
-      max_value: the bound :math:`m \\ge 0` (number, array or tracer).
+    :math:`P(W) = U \\min(\\Sigma, m) V^\\top`. A kernel inside the ball comes
+    back bit for bit; a sharded one is gathered for the SVD. Gradients stay
+    finite where singular values coincide.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import spectral_norm_svd
-    >>> spectral_norm_svd(jnp.array([[3.0, 0.0], [0.0, 0.5]]), 1.0)
+    >>> spectral_norm_svd(jnp.array([[3.0, 0.0], [0.0, 0.5]]), max_value=1.0)
     Array([[1. , 0. ],
            [0. , 0.5]], dtype=float32)
     """
@@ -150,18 +143,15 @@ def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> ja
 def orthogonal_svd(w: jax.Array) -> jax.Array:
     """The nearest semi-orthogonal matrix: the polar factor `U V^T` of the `(fan_in, out)` view.
 
-    :math:`P(W) = U V^\\top` minimises :math:`\\|W - Q\\|_F` over :math:`Q`
-    with orthonormal columns (or rows, when `fan_in < out`). For a
-    rank-deficient `W` the SVD's choice is returned, with derivative 0 in the
-    undetermined directions. Gathers a sharded kernel, unlike
-    `orthogonal_newton_schulz`.
+    It minimises :math:`\\|W - Q\\|_F` over :math:`Q` with orthonormal columns
+    (rows when `fan_in < out`); for a rank-deficient `W`, the SVD's choice.
+    Gathers a sharded kernel, unlike `orthogonal_newton_schulz`.
 
     >>> import jax.numpy as jnp
-    >>> import numpy as np
     >>> from optax_constraints.projections import orthogonal_svd
-    >>> q = orthogonal_svd(jnp.array([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
-    >>> bool(np.allclose(q.T @ q, np.eye(2), atol=1e-5))
-    True
+    >>> orthogonal_svd(jnp.array([[3.0, 0.0], [0.0, 0.5]]))
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
     """
     return _on_tall_view(w, 0, "polar")
 
@@ -184,13 +174,10 @@ def orthogonal_newton_schulz(
 ) -> jax.Array:
     """The polar factor `U V^T` by the cubic Newton–Schulz iteration (no SVD).
 
-    On the `(fan_in, out)` view, transposed to be tall,
-
-    .. math::
-       X_0 = W / b, \\qquad X_{k+1} = \\tfrac32 X_k - \\tfrac12 X_k X_k^\\top X_k,
-
-    with :math:`b^2 = \\min(\\operatorname{tr} G, \\max_i \\sum_j |G_{ij}|)`,
-    :math:`G = W^\\top W`, a bound on :math:`\\sigma_{\\max}(W)^2`. About
+    On the `(fan_in, out)` view, transposed to be tall, :math:`X_0 = W / b`,
+    :math:`X_{k+1} = \\tfrac32 X_k - \\tfrac12 X_k X_k^\\top X_k`, with
+    :math:`b^2 = \\min(\\operatorname{tr} G, \\max_i \\sum_j |G_{ij}|) \\ge
+    \\sigma_{\\max}(W)^2`, :math:`G = W^\\top W`. About
     :math:`\\log_{1.5}(b/s_{\\min}) + 5` iterations reach float32 accuracy:
     5-6 for a near-orthogonal kernel, about 25 for an ill-conditioned one. A
     rank-deficient `W` converges to the partial isometry on its range.
@@ -202,11 +189,10 @@ def orthogonal_newton_schulz(
         10^{-3}` (a `lax.cond` skips the rest).
 
     >>> import jax.numpy as jnp
-    >>> import numpy as np
     >>> from optax_constraints.projections import orthogonal_newton_schulz
-    >>> q = orthogonal_newton_schulz(jnp.array([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
-    >>> bool(np.allclose(q.T @ q, np.eye(2), atol=1e-5))
-    True
+    >>> orthogonal_newton_schulz(jnp.array([[3.0, 0.0], [0.0, 0.5]]))
+    Array([[1., 0.],
+           [0., 1.]], dtype=float32)
 
     References:
       Higham, Functions of Matrices, SIAM 2008, section 8.3.
@@ -342,16 +328,11 @@ class _Products:
 def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
     """Estimates the largest singular value of a matrix by power iteration.
 
-    With `w2d` of shape `(m, n)` and a unit vector `u` of length `n`, each
-    iteration computes
-
-    .. math:: v \\leftarrow \\frac{W u}{\\|W u\\|}, \\qquad
-       u \\leftarrow \\frac{W^\\top v}{\\|W^\\top v\\|}, \\qquad
-       \\sigma = \\|W^\\top v\\| = v^\\top W u,
-
-    so :math:`\\sigma \\le \\sigma_{\\max}(W)`. Keeping `u` between calls (as
-    spectral normalization does) makes one iteration per step enough; a zero
-    vector restarts from the normalized all-ones one.
+    Each iteration computes :math:`v = W u / \\|W u\\|`, :math:`u = W^\\top v /
+    \\|W^\\top v\\|`, and :math:`\\sigma = v^\\top W u \\le \\sigma_{\\max}(W)`.
+    Keeping `u` between calls (as spectral normalization does) makes one
+    iteration per step enough; a zero vector restarts from the normalized
+    all-ones one.
 
     Args:
       w2d: a matrix `(m, n)`, or a kernel `(*fan_in_axes, out)`, contracted in
@@ -403,22 +384,13 @@ def power_iteration_until_settled(
 ):
     """Power iteration that runs until its estimate of `sigma_max` has settled.
 
-    The iterations of `power_iteration`, at least `min_iters` and at most
-    `max_iters`, stopping one iteration after a `u` whose relative residual as
-    an eigenvector of :math:`B = W^\\top W` is below `rtol`:
-    :math:`\\|B u - \\rho u\\| \\le \\mathrm{rtol}\\, \\rho`, :math:`\\rho =
-    \\|W u\\|^2`. Then :math:`\\rho` is near *an* eigenvalue of :math:`B`, in
-    practice a mean of the top ones; :math:`\\sigma \\le \\sigma_{\\max}`
-    always, and only an SVD certifies it (docs/performance.md has the errors).
-    The loop runs on `stop_gradient(w2d)`; `sigma = v^T W u` is differentiable
-    in `w2d` with `u`, `v` fixed.
-
-    Args:
-      w2d: a matrix `(m, n)`, or a kernel (as in `power_iteration`).
-      u: current estimate of the top right singular vector, shape `(n,)`.
-      min_iters: iterations always run (a Python int >= 1).
-      max_iters: the most iterations (a Python int >= min_iters).
-      rtol: the relative residual at which the estimate counts as settled.
+    At least `min_iters`, at most `max_iters` iterations of `power_iteration`,
+    stopping one after a `u` whose relative residual as an eigenvector of
+    :math:`B = W^\\top W` is below `rtol`: :math:`\\|B u - \\rho u\\| \\le
+    \\mathrm{rtol}\\, \\rho`, :math:`\\rho = \\|W u\\|^2`. :math:`\\sigma \\le
+    \\sigma_{\\max}` always; only an SVD certifies it (docs/performance.md has
+    the errors). The loop runs on `stop_gradient(w2d)`; `sigma = v^T W u` is
+    differentiable in `w2d` with `u`, `v` fixed.
 
     Returns:
       `(sigma, u_new, v, iters)`, `iters` the number of iterations run (int32).
@@ -463,17 +435,14 @@ def power_iteration_until_settled(
 def spectral_rescale(
     w: jax.Array, max_value: jax.typing.ArrayLike, sigma: jax.typing.ArrayLike
 ) -> jax.Array:
-    """Scales the whole kernel down by `max(1, sigma / max_value)`.
+    """Scales the whole kernel by :math:`\\min(1, m / \\sigma)`, `sigma` its largest singular value.
 
-    .. math:: w' = w \\cdot \\min\\left(1, \\frac{m}{\\sigma}\\right)
-
-    With :math:`\\sigma` the (estimated) largest singular value: feasible when
-    :math:`\\sigma` is exact, but not the nearest feasible kernel (that is
+    Feasible when `sigma` is exact, but not the nearest feasible kernel (that is
     `spectral_norm_svd`).
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import spectral_rescale
-    >>> spectral_rescale(jnp.array([[4.0, 2.0]]), 1.0, 4.0)
+    >>> spectral_rescale(jnp.array([[4.0, 2.0]]), max_value=1.0, sigma=4.0)
     Array([[1. , 0.5]], dtype=float32)
     """
     w = jnp.asarray(w)

@@ -59,9 +59,9 @@ def safe_div(num, den, fallback: jax.typing.ArrayLike = 0):
 def projection(fn: _F) -> _F:
     """Makes `fn(w, ...)` compute in `w`'s compute dtype and return `w`'s dtype.
 
-    bfloat16/float16 inputs are computed in float32 and cast back. An eager
-    call runs `fn` as one compiled program (Python numbers and `axis` as
-    constants), so it rounds like the jitted call.
+    bfloat16/float16 inputs are computed in float32 and cast back. An eager call
+    runs `fn` as one compiled program (Python numbers and `axis` as constants),
+    so it rounds like the jitted call.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import projection
@@ -135,7 +135,7 @@ def max_norm(
 
     .. math:: w' = w \\cdot \\frac{\\mathrm{clip}(\\|w\\|, 0, m)}{\\epsilon + \\|w\\|}
 
-    with Keras's :math:`\\epsilon = 10^{-7}`, the norm taken over `axis`.
+    with Keras's :math:`\\epsilon = 10^{-7}`.
 
     Args:
       w: the weights.
@@ -148,9 +148,6 @@ def max_norm(
     >>> max_norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]), max_value=1.0)
     Array([[0.6, 0. ],
            [0.8, 0. ]], dtype=float32)
-
-    References:
-      Srivastava et al., Dropout, JMLR 2014 (section 5.1).
     """
     norms = unit_norms(w, axis, axis_name)
     desired = jnp.clip(norms, 0, max_value)
@@ -171,13 +168,12 @@ def min_max_norm(
     .. math:: w' = w \\cdot \\frac{r\\,\\mathrm{clip}(\\|w\\|, a, b) + (1-r)\\|w\\|}
        {\\epsilon + \\|w\\|}
 
-    `rate=1` enforces the interval strictly; smaller rates move the norm part
-    of the way. An all-zero unit stays zero; an overflowing one is scaled by
-    `1 - rate` (Keras's formula gives NaN). `axis` and `axis_name` as in `max_norm`.
+    An all-zero unit stays zero; one whose norm overflows is scaled by
+    `1 - rate` (Keras gives NaN). `axis` and `axis_name` as in `max_norm`.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import min_max_norm
-    >>> min_max_norm(jnp.array([[6.0, 0.0], [8.0, 0.0]]), 1.0, 2.0)
+    >>> min_max_norm(jnp.array([[6.0, 0.0], [8.0, 0.0]]), min_value=1.0, max_value=2.0)
     Array([[1.2, 0. ],
            [1.6, 0. ]], dtype=float32)
     """
@@ -211,21 +207,12 @@ def sphere(
     axis: AxisSpec = 0,
     axis_name: AxisName = None,
 ) -> jax.Array:
-    """Rescales each unit onto the sphere of `radius`: the exact projection.
+    """Rescales each unit onto the sphere of `radius`: exactly :math:`w\\, r / \\|w\\|`.
 
-    .. math:: w' = w \\cdot \\frac{r}{\\|w\\|}
-
-    the norm taken over `axis`, with no epsilon (unlike `unit_norm`). An
-    all-zero unit has no nearest point on the sphere: it stays zero (as does
-    one whose sum of squares underflows), with a zero gradient, not NaN.
-
-    Args:
-      w: the weights.
-      radius: the norm of every unit (a number, or an array or tracer that
-        broadcasts against the per-unit norms).
-      axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
-      axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
-        axes (see `unit_norms`).
+    No epsilon (unlike `unit_norm`). An all-zero unit has no nearest point on
+    the sphere: it stays zero (as does one whose sum of squares underflows),
+    with a zero gradient. `radius` may be an array that broadcasts against the
+    per-unit norms; `axis` and `axis_name` as in `max_norm`.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import sphere
@@ -234,8 +221,7 @@ def sphere(
            [1.6, 0. ]], dtype=float32)
 
     References:
-      Absil, Mahony & Sepulchre, Optimization Algorithms on Matrix Manifolds,
-      2008 (example 4.1.1). Loshchilov et al., nGPT, ICLR 2025.
+      Loshchilov et al., nGPT, ICLR 2025.
     """
     return w * safe_div(radius, unit_norms(w, axis, axis_name))
 

@@ -1,4 +1,4 @@
-"""Euclidean projections of each unit (the slice over `axis`) onto the L1 ball and the simplex.
+"""Euclidean projections of each unit onto the L1 ball and the simplex.
 
 One threshold per unit, found exactly by Michelot's (1986) iteration: masked sums, no sort.
 """
@@ -73,14 +73,9 @@ def l1_ball(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0, axis: AxisSpec 
 
     .. math:: P(w) = \\operatorname{sign}(w) \\max(|w| - \\theta, 0)
 
-    with :math:`\\theta = 0` when :math:`\\|w\\|_1 \\le m` (the unit is
-    returned bit for bit), else the :math:`\\theta > 0` with
-    :math:`\\sum \\max(|w_i| - \\theta, 0) = m` (soft-thresholding).
-
-    Args:
-      w: the weights.
-      max_value: the radius :math:`m \\ge 0` (number, array or tracer).
-      axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
+    with :math:`\\theta = 0` when :math:`\\|w\\|_1 \\le m` (the unit comes back
+    bit for bit), else the :math:`\\theta` with :math:`\\sum \\max(|w_i| -
+    \\theta, 0) = m`. `axis` as in `max_norm`.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import l1_ball
@@ -90,7 +85,6 @@ def l1_ball(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0, axis: AxisSpec 
 
     References:
       Duchi et al., Efficient Projections onto the l1-Ball, ICML 2008.
-      Michelot, J. Optim. Theory Appl. 50, 1986.
     """
     if w.size == 0:
         return w
@@ -105,16 +99,9 @@ def l1_ball(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0, axis: AxisSpec 
 def simplex(w: jax.Array, scale: jax.typing.ArrayLike = 1.0, axis: AxisSpec = 0) -> jax.Array:
     """Euclidean projection of each unit onto `{x >= 0, sum(x) = scale}`.
 
-    .. math:: P(w) = \\max(w - \\theta, 0), \\qquad
-       \\sum_i \\max(w_i - \\theta, 0) = s
+    .. math:: P(w) = \\max(w - \\theta, 0), \\qquad \\sum_i \\max(w_i - \\theta, 0) = s
 
-    with the threshold :math:`\\theta` found exactly by Michelot's iteration.
-    An all-zero unit becomes the uniform vector `scale / n`.
-
-    Args:
-      w: the weights.
-      scale: the sum :math:`s > 0` of each unit (number, array or tracer).
-      axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
+    An all-zero unit becomes the uniform vector `scale / n`. `axis` as in `max_norm`.
 
     >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import simplex
@@ -123,8 +110,7 @@ def simplex(w: jax.Array, scale: jax.typing.ArrayLike = 1.0, axis: AxisSpec = 0)
            [1. , 0.5]], dtype=float32)
 
     References:
-      Condat, Fast projection onto the simplex and the l1 ball, Math.
-      Programming 158, 2016.
+      Condat, Fast projection onto the simplex and the l1 ball, Math. Program. 2016.
     """
     if w.size == 0:
         return w
