@@ -1,7 +1,4 @@
-"""Pure projection functions: one array in, one array out, jit-, vmap- and grad-safe.
-
-Hyper-parameters are plain arguments (numbers, arrays or tracers); the constraint classes bind them.
-"""
+"""Pure projection functions: one array in, one array out, jit-, vmap- and grad-safe."""
 
 from optax_constraints.projections._axis import FAN_IN as FAN_IN
 from optax_constraints.projections._axis import AxisSpec as AxisSpec

@@ -13,9 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 def _sharding(x):
     """The sharding in `x`'s type, or `None` when `x` lives on one device."""
     sharding = getattr(jax.typeof(x), "sharding", None)
-    if not isinstance(sharding, NamedSharding) or sharding.mesh.empty:
-        return None
-    if sharding.mesh.size == 1:
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.empty or sharding.mesh.size == 1:
         return None
     return sharding
 

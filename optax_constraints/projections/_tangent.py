@@ -1,8 +1,4 @@
-"""Tangent maps: an update `u` moved into the tangent space (or cone) of a set at `w`.
-
-Each takes the point `w` and the update `u`, computes in float32 for
-bfloat16/float16, and returns an array of `u`'s dtype.
-"""
+"""Tangent maps: an update `u` moved into the tangent space (or cone) of a set at `w`."""
 
 from __future__ import annotations
 
@@ -17,11 +13,8 @@ from optax_constraints.projections._norms import EPSILON, AxisName, compute_dtyp
 from optax_constraints.projections._sharding import sharded_like
 
 BOUNDARY_RTOL = 2.0**-16
-"""A norm ball's boundary, relative: `‖w‖ >= m (1 - BOUNDARY_RTOL) - 1e-7` is on it.
-
-The slack (about 500 float32 ulps) counts units just projected by `MaxNorm`
-(Keras's epsilon leaves them just inside) as on the boundary.
-"""
+"""A unit with `‖w‖ >= m (1 - BOUNDARY_RTOL) - 1e-7` is on a ball's boundary (~500 ulps of
+slack, so that units `MaxNorm` just projected, which Keras's epsilon leaves inside, count)."""
 
 
 def _in_compute_dtype(fn):
@@ -49,9 +42,9 @@ def _radial(w, u, axes, axis_name=None):
 def sphere_tangent(
     w: jax.Array, u: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None
 ) -> jax.Array:
-    """Per unit, `u` minus its component along `w`: `u - <u, w> w / ‖w‖²`.
+    """Per unit, `u - <u, w> w / ‖w‖²`: the tangent space of the sphere through `w`.
 
-    The tangent space of the sphere through `w`; a zero unit's update is unchanged.
+    A zero unit's update is unchanged.
 
     >>> import jax.numpy as jnp
     >>> sphere_tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
@@ -73,9 +66,8 @@ def ball_tangent(
 ) -> jax.Array:
     """The tangent cone of `‖w‖ <= max_value` (and `‖w‖ >= min_value`), per unit.
 
-    Inside, `u` is unchanged; on the boundary (see `BOUNDARY_RTOL`) an
-    outward radial component (`<u, w> > 0`) is removed. With `min_value > 0`
-    (a shell), on the inner boundary an inward radial component is removed.
+    On the boundary (see `BOUNDARY_RTOL`) an outward radial component of `u`
+    is removed (with `min_value > 0`, an inward one on the inner boundary).
 
     >>> import jax.numpy as jnp
     >>> ball_tangent(jnp.array([[1.0, 0.5], [0.0, 0.0]]), jnp.array([[2.0, 2.0], [3.0, 3.0]]), 1.0)
@@ -108,10 +100,7 @@ def box_tangent(
     min_value: jax.typing.ArrayLike | None = None,
     max_value: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
-    """The tangent cone of the box `[min_value, max_value]`, elementwise.
-
-    Where `w` is at (or beyond) a bound, a component of `u` pointing out of
-    the box is set to zero; exact in every dtype.
+    """The tangent cone of the box `[min_value, max_value]`: outward components at a bound zeroed.
 
     >>> import jax.numpy as jnp
     >>> box_tangent(jnp.array([0.0, 0.0, 0.5]), jnp.array([-1.0, 1.0, -1.0]), 0.0)
@@ -130,16 +119,13 @@ def box_tangent(
 def stiefel_tangent(w: jax.Array, u: jax.Array) -> jax.Array:
     """The tangent space of the Stiefel manifold at the `(fan_in, out)` view of `w`.
 
-    `U - W sym(WᵀU)`, `sym(A) = (A + Aᵀ) / 2`, for a tall view (orthonormal
-    columns); a wide view is handled transposed, `U - sym(U Wᵀ) W`.
+    `U - W sym(WᵀU)`, `sym(A) = (A + Aᵀ) / 2`, for a tall view; a wide view is
+    handled transposed, `U - sym(U Wᵀ) W`.
 
     >>> import jax.numpy as jnp
     >>> stiefel_tangent(jnp.eye(2), jnp.array([[1.0, 2.0], [0.0, 3.0]]))
     Array([[ 0.,  1.],
            [-1.,  0.]], dtype=float32)
-
-    References:
-      Edelman, Arias & Smith, SIAM J. Matrix Anal. Appl. 20(2), 1998.
     """
     a, b = matrix_view(w), matrix_view(u)
     wide = a.shape[0] < a.shape[1]
