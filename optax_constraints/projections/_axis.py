@@ -8,8 +8,7 @@ from collections.abc import Sequence
 FAN_IN = "fan_in"
 
 AxisSpec = int | Sequence[int] | str | None
-"""An int, a tuple/list of ints (negative allowed), `None` (all axes) or
-`"fan_in"` (every axis but the last)."""
+"""An int, a tuple/list of ints (negative allowed), `None` (all axes) or `"fan_in"`."""
 
 AXIS_HELP = (
     "axis must be an int, a tuple or list of distinct ints (negative ints count"

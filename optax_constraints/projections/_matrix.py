@@ -1,8 +1,4 @@
-"""Projections that see a kernel `(*fan_in_axes, out)` as its `(fan_in, out)` matrix.
-
-Power iteration and Newton–Schulz contract the kernel over its fan-in axes in
-place, so a sharded kernel stays sharded; the SVDs gather it (docs/multihost.md).
-"""
+"""Projections that see a kernel `(*fan_in_axes, out)` as its `(fan_in, out)` matrix."""
 
 from __future__ import annotations
 
@@ -23,12 +19,7 @@ from optax_constraints.projections._sharding import (
 
 
 def check_iters(name: str, value, low: int, *, owner: str = "", low_name: str = "") -> None:
-    """Raises `ValueError` unless `value` is a Python int (not a bool) `>= low`.
-
-    >>> check_iters("num_iters", 0, 1, owner="Orthogonal")
-    Traceback (most recent call last):
-    ValueError: Orthogonal: num_iters must be an int >= 1; got num_iters=0.
-    """
+    """Raises `ValueError` unless `value` is a Python int (not a bool) `>= low`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         where = f"{owner}: " if owner else ""
         raise ValueError(
@@ -60,7 +51,6 @@ def matrix_view(w: jax.Array) -> jax.Array:
 
     Raises `ValueError` for arrays with fewer than 2 dimensions.
 
-    >>> import jax.numpy as jnp
     >>> matrix_view(jnp.zeros((3, 3, 4, 8))).shape
     (36, 8)
     """
@@ -130,7 +120,6 @@ def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> ja
     back bit for bit; a sharded one is gathered for the SVD. Gradients stay
     finite where singular values coincide.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import spectral_norm_svd
     >>> spectral_norm_svd(jnp.array([[3.0, 0.0], [0.0, 0.5]]), max_value=1.0)
     Array([[1. , 0. ],
@@ -147,7 +136,6 @@ def orthogonal_svd(w: jax.Array) -> jax.Array:
     (rows when `fan_in < out`); for a rank-deficient `W`, the SVD's choice.
     Gathers a sharded kernel, unlike `orthogonal_newton_schulz`.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import orthogonal_svd
     >>> orthogonal_svd(jnp.array([[3.0, 0.0], [0.0, 0.5]]))
     Array([[1., 0.],
@@ -188,14 +176,10 @@ def orthogonal_newton_schulz(
       stop_early: stop 3 iterations after :math:`\\max |X_k^\\top X_k - I| \\le
         10^{-3}` (a `lax.cond` skips the rest).
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import orthogonal_newton_schulz
     >>> orthogonal_newton_schulz(jnp.array([[3.0, 0.0], [0.0, 0.5]]))
     Array([[1., 0.],
            [0., 1.]], dtype=float32)
-
-    References:
-      Higham, Functions of Matrices, SIAM 2008, section 8.3.
     """
     check_iters("num_iters", num_iters, 0)
     w = _kernel(w)
@@ -236,12 +220,7 @@ FINAL_ITERS = 3  # 1e-3 -> 1e-6 -> 1e-12 -> below float32 resolution
 
 
 def gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The Gram matrix of the smaller side of `x`'s `(fan_in, out)` view, and its identity.
-
-    `W^T W` (shape `(out, out)`) when `fan_in >= out`, else `W W^T` (shape
-    `(*fan_in_axes, *fan_in_axes)`), contracted in place; on `Explicit` mesh
-    axes only the smaller side is gathered.
-    """
+    """`W^T W` (or `W W^T` if `fan_in < out`: the smaller side's) in place, and its identity."""
     x = _kernel(x)
     layout = _Layout(x)
     g = layout.gram(x, layout.whole_short(x))
@@ -252,11 +231,9 @@ class _Layout:
     """The sides a Gram matrix sums over (`long`) and keeps (`short`), and the kernel's spec."""
 
     def __init__(self, x):
-        k = x.ndim - 1
-        fan = tuple(range(k))
-        tall = math.prod(x.shape[:-1]) >= x.shape[-1]
-        self.long, self.short = (fan, (k,)) if tall else ((k,), fan)
-        self.tall = tall
+        fan, out = tuple(range(x.ndim - 1)), (x.ndim - 1,)
+        self.tall = math.prod(x.shape[:-1]) >= x.shape[-1]
+        self.long, self.short = (fan, out) if self.tall else (out, fan)
         self.like = x
         self.spec = explicit_spec(x) or (None,) * x.ndim
         self.half = tuple(range(len(self.short)))
@@ -298,9 +275,11 @@ class _Products:
         spec = explicit_spec(w) or (None,) * w.ndim
         self.fan = tuple(range(w.ndim - 1))
         self.left_spec, self.right_spec = spec[:-1], spec[-1:]
+        self.ones_m = self.ones(w.shape[:-1], self.left_spec)
+        self.ones_n = self.ones(w.shape[-1:], self.right_spec)
 
     def ones(self, shape, entries):
-        """The normalized all-ones vector of `shape`, laid out as `entries`."""
+        """The normalized all-ones vector of `shape`, laid out as `entries` (a zero's restart)."""
         ones = jnp.full(shape, 1 / math.sqrt(max(math.prod(shape), 1)), self.w.dtype)
         return laid_out(ones, self.w, entries)
 
@@ -344,27 +323,21 @@ def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
       `(sigma, u_new, v)`: the estimate, the right vector (laid out like `u`)
       and the left vector (`(m,)`, or `shape[:-1]` for a kernel).
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import power_iteration
     >>> sigma, u, v = power_iteration(jnp.array([[3.0, 0.0], [0.0, 1.0]]), jnp.ones(2), 10)
     >>> round(float(sigma), 4)
     3.0
-
-    References:
-      Miyato et al., Spectral Normalization for GANs, ICLR 2018 (algorithm 1).
     """
     check_iters("num_iters", num_iters, 1)
     w = _Products(w2d)
     u, as_given = w.start(u)
-    ones_m = w.ones(w.w.shape[:-1], w.left_spec)
-    ones_n = w.ones(w.w.shape[-1:], w.right_spec)
 
     def step(_, carry):
         u, _ = carry
-        v = _normalize(w.times(u), ones_m)
-        return _normalize(w.transposed_times(v), ones_n), v
+        v = _normalize(w.times(u), w.ones_m)
+        return _normalize(w.transposed_times(v), w.ones_n), v
 
-    u, v = jax.lax.fori_loop(0, num_iters, step, (u, ones_m))
+    u, v = jax.lax.fori_loop(0, num_iters, step, (u, w.ones_m))
     return w.dot(v, w.times(u)), as_given(u), v
 
 
@@ -395,7 +368,6 @@ def power_iteration_until_settled(
     Returns:
       `(sigma, u_new, v, iters)`, `iters` the number of iterations run (int32).
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import power_iteration_until_settled
     >>> w = jnp.array([[3.0, 0.0], [0.0, 2.9]])  # a small gap: slow to separate
     >>> sigma, u, v, iters = power_iteration_until_settled(w, jnp.ones(2) / 2**0.5)
@@ -407,8 +379,6 @@ def power_iteration_until_settled(
     differentiable = _Products(w2d)
     w = _Products(jax.lax.stop_gradient(differentiable.w))
     u, as_given = w.start(u)
-    ones_m = w.ones(w.w.shape[:-1], w.left_spec)
-    ones_n = w.ones(w.w.shape[-1:], w.right_spec)
 
     def unsettled(carry):
         _, _, iters, settled = carry
@@ -417,16 +387,16 @@ def power_iteration_until_settled(
     def one_iteration(carry):
         u, _, iters, _ = carry
         y = w.times(u)
-        v = _normalize(y, ones_m)
+        v = _normalize(y, w.ones_m)
         norm_y = w.dot(v, y)  # ||W u||, without squaring y
         z = w.transposed_times(v)  # B u / ||W u||
         # ||B u - rho u|| / rho = ||z - ||Wu|| u|| / ||Wu||. `~(a > b)` also
         # settles a NaN kernel at once instead of iterating max_iters times.
         r, scale = _peak_scaled(z - norm_y * u)
         settled = ~(scale * jnp.sqrt(jnp.sum(r * r)) > rtol * norm_y)
-        return _normalize(z, ones_n), v, iters + 1, settled
+        return _normalize(z, w.ones_n), v, iters + 1, settled
 
-    init = (u, ones_m, jnp.zeros([], jnp.int32), jnp.zeros([], bool))
+    init = (u, w.ones_m, jnp.zeros([], jnp.int32), jnp.zeros([], bool))
     u, v, iters, _ = jax.lax.while_loop(unsettled, one_iteration, init)
     return differentiable.dot(v, differentiable.times(u)), as_given(u), v, iters
 
@@ -440,12 +410,10 @@ def spectral_rescale(
     Feasible when `sigma` is exact, but not the nearest feasible kernel (that is
     `spectral_norm_svd`).
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import spectral_rescale
     >>> spectral_rescale(jnp.array([[4.0, 2.0]]), max_value=1.0, sigma=4.0)
     Array([[1. , 0.5]], dtype=float32)
     """
-    w = jnp.asarray(w)
     sigma = jnp.asarray(sigma, w.dtype)
     over = sigma > max_value
     factor = jnp.where(over, max_value / jnp.where(over, sigma, 1), 1)

@@ -1,7 +1,4 @@
-"""Keras's norm and sign projections, and the elementwise box, as pure functions.
-
-The float32 formulas are Keras 3's, term for term (docs/nonfinite.md: where they differ).
-"""
+"""Norm projections (Keras 3's float32 formulas, term for term), the sign and the box."""
 
 from __future__ import annotations
 
@@ -63,7 +60,6 @@ def projection(fn: _F) -> _F:
     runs `fn` as one compiled program (Python numbers and `axis` as constants),
     so it rounds like the jitted call.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import projection
     >>> @projection
     ... def shrink(w, factor=0.5):
@@ -143,7 +139,6 @@ def max_norm(
       axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
       axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's axes.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import max_norm
     >>> max_norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]), max_value=1.0)
     Array([[0.6, 0. ],
@@ -171,7 +166,6 @@ def min_max_norm(
     An all-zero unit stays zero; one whose norm overflows is scaled by
     `1 - rate` (Keras gives NaN). `axis` and `axis_name` as in `max_norm`.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import min_max_norm
     >>> min_max_norm(jnp.array([[6.0, 0.0], [8.0, 0.0]]), min_value=1.0, max_value=2.0)
     Array([[1.2, 0. ],
@@ -190,7 +184,6 @@ def unit_norm(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> j
 
     An all-zero unit stays zero.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import unit_norm
     >>> unit_norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
     Array([[0.6, 0. ],
@@ -214,14 +207,10 @@ def sphere(
     with a zero gradient. `radius` may be an array that broadcasts against the
     per-unit norms; `axis` and `axis_name` as in `max_norm`.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import sphere
     >>> sphere(jnp.array([[3.0, 0.0], [4.0, 0.0]]), radius=2.0)
     Array([[1.2, 0. ],
            [1.6, 0. ]], dtype=float32)
-
-    References:
-      Loshchilov et al., nGPT, ICLR 2025.
     """
     return w * safe_div(radius, unit_norms(w, axis, axis_name))
 
@@ -229,7 +218,6 @@ def sphere(
 def non_neg(w: jax.Array) -> jax.Array:
     """Elementwise `maximum(w, 0)`: negative entries (and -0.0) become +0.0; exact.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import non_neg
     >>> non_neg(jnp.array([-1.0, -0.0, 2.0]))
     Array([0., 0., 2.], dtype=float32)
@@ -245,7 +233,6 @@ def clip(
 ) -> jax.Array:
     """Elementwise box `[min_value, max_value]` (either bound may be `None`); exact.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import clip
     >>> clip(jnp.array([-2.0, 0.5, 3.0]), -1.0, 1.0)
     Array([-1. ,  0.5,  1. ], dtype=float32)
@@ -262,7 +249,6 @@ def clip(
 def center_around(w: jax.Array, ref_value: jax.typing.ArrayLike = 0.0) -> jax.Array:
     """Shifts `w` so its mean is `ref_value`: :math:`w - \\mathrm{mean}(w) + r`.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import center_around
     >>> center_around(jnp.array([1.0, 2.0, 6.0]), ref_value=1.0)
     Array([-1.,  0.,  4.], dtype=float32)

@@ -1,7 +1,4 @@
-"""Euclidean projections of each unit onto the L1 ball and the simplex.
-
-One threshold per unit, found exactly by Michelot's (1986) iteration: masked sums, no sort.
-"""
+"""Euclidean projections of each unit onto the L1 ball and the simplex (Michelot, 1986)."""
 
 from __future__ import annotations
 
@@ -30,19 +27,17 @@ def _simplex_units_jvp(axes, primals, tangents):
     dv, dscale = tangents
     out = _simplex_units(v, scale, axes)
     active = out > 0
-    count = jnp.sum(active, axis=axes, keepdims=True).astype(v.dtype)
-    dtheta = (jnp.sum(jnp.where(active, dv, 0), axis=axes, keepdims=True) - dscale) / (
-        jnp.maximum(count, 1)
-    )
+    # d theta: the mean of the tangent over the unit's nonzero outputs.
+    count = jnp.maximum(jnp.sum(active, axis=axes, keepdims=True).astype(v.dtype), 1)
+    dtheta = (jnp.sum(jnp.where(active, dv, 0), axis=axes, keepdims=True) - dscale) / count
     return out, jnp.where(active, dv - dtheta, 0)
 
 
 def _threshold(v, scale, axes):
-    """Each unit's `theta` with `sum(max(v - theta, 0)) = scale` (Michelot, 1986).
+    """Each unit's `theta` with `sum(max(v - theta, 0)) = scale`, from the mean (a lower bound).
 
-    From the mean (a lower bound), repeat `theta = (sum of the entries above
-    theta - scale) / their count` until that set stops shrinking: then it is
-    exact (at most one round per entry; a NaN unit settles at once).
+    Repeats `theta = (sum of the entries above theta - scale) / their count`
+    until that set stops shrinking (at most once per entry); then it is exact.
     """
     n = math.prod(v.shape[a] for a in axes)
     theta = (jnp.sum(v, axis=axes, keepdims=True) - scale) / n
@@ -77,14 +72,10 @@ def l1_ball(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0, axis: AxisSpec 
     bit for bit), else the :math:`\\theta` with :math:`\\sum \\max(|w_i| -
     \\theta, 0) = m`. `axis` as in `max_norm`.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import l1_ball
     >>> l1_ball(jnp.array([[3.0, 0.2], [1.0, -0.3]]), max_value=1.0)
     Array([[ 1. ,  0.2],
            [ 0. , -0.3]], dtype=float32)
-
-    References:
-      Duchi et al., Efficient Projections onto the l1-Ball, ICML 2008.
     """
     if w.size == 0:
         return w
@@ -103,14 +94,10 @@ def simplex(w: jax.Array, scale: jax.typing.ArrayLike = 1.0, axis: AxisSpec = 0)
 
     An all-zero unit becomes the uniform vector `scale / n`. `axis` as in `max_norm`.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import simplex
     >>> simplex(jnp.array([[0.5, 0.0], [2.0, 0.0]]))
     Array([[0. , 0.5],
            [1. , 0.5]], dtype=float32)
-
-    References:
-      Condat, Fast projection onto the simplex and the l1 ball, Math. Program. 2016.
     """
     if w.size == 0:
         return w
