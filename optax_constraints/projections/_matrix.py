@@ -125,7 +125,7 @@ def spectral_norm_svd(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0) -> ja
     Array([[1. , 0. ],
            [0. , 0.5]], dtype=float32)
     """
-    return _on_tall_view(w, max_value, "clip")
+    return on_tall_view(lambda a: _spectral_map(a, jnp.asarray(max_value, a.dtype), "clip"), w)
 
 
 @projection
@@ -141,15 +141,15 @@ def orthogonal_svd(w: jax.Array) -> jax.Array:
     Array([[1., 0.],
            [0., 1.]], dtype=float32)
     """
-    return _on_tall_view(w, 0, "polar")
+    return on_tall_view(lambda a: _spectral_map(a, jnp.zeros((), a.dtype), "polar"), w)
 
 
-def _on_tall_view(w, c, kind):
-    """`_spectral_map` on the matrix view, transposed to be tall; laid out like `w`."""
-    a = matrix_view(w)
-    wide = a.shape[0] < a.shape[1]
-    out = _spectral_map(a.T if wide else a, jnp.asarray(c, a.dtype), kind)
-    return sharded_like((out.T if wide else out).reshape(w.shape), w)
+def on_tall_view(fn, *arrays):
+    """`fn` on the arrays' matrix views, all transposed if the first is wide; like the last."""
+    views = [matrix_view(x) for x in arrays]
+    wide = views[0].shape[0] < views[0].shape[1]
+    out = fn(*(v.T if wide else v for v in views))
+    return sharded_like((out.T if wide else out).reshape(arrays[-1].shape), arrays[-1])
 
 
 NEWTON_SCHULZ_ITERS = 25
@@ -255,9 +255,6 @@ class _Layout:
         if self.tall:
             return jnp.tensordot(xs, m, (self.short, self.half), out_sharding=out)
         return jnp.tensordot(m, xs, (self.half, self.short), out_sharding=out)
-
-
-# -- power iteration ---------------------------------------------------------
 
 
 def _normalize(x, fallback):

@@ -1,7 +1,4 @@
-"""Matrix projections on sharded kernels: lay out contractions, or gather one leaf.
-
-docs/multihost.md says what travels, on `Explicit` and `Auto` mesh axes.
-"""
+"""Matrix projections on sharded kernels: lay out contractions, or gather one leaf."""
 
 from __future__ import annotations
 

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from optax_constraints.projections._axis import AxisSpec, resolve_axis
-from optax_constraints.projections._matrix import matrix_view
+from optax_constraints.projections._matrix import on_tall_view
 from optax_constraints.projections._norms import EPSILON, AxisName, compute_dtype, safe_div
-from optax_constraints.projections._sharding import sharded_like
 
 BOUNDARY_RTOL = 2.0**-16
 """A unit with `‖w‖ >= m (1 - BOUNDARY_RTOL) - 1e-7` is on a ball's boundary (~500 ulps of
@@ -42,9 +41,7 @@ def _radial(w, u, axes, axis_name=None):
 def sphere_tangent(
     w: jax.Array, u: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None
 ) -> jax.Array:
-    """Per unit, `u - <u, w> w / ‖w‖²`: the tangent space of the sphere through `w`.
-
-    A zero unit's update is unchanged.
+    """Per unit, `u - <u, w> w / ‖w‖²` (`u` for a zero unit): the sphere's tangent space.
 
     >>> sphere_tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
     Array([[0.],
@@ -114,17 +111,15 @@ def box_tangent(
 def stiefel_tangent(w: jax.Array, u: jax.Array) -> jax.Array:
     """The tangent space of the Stiefel manifold at the `(fan_in, out)` view of `w`.
 
-    `U - W sym(WᵀU)`, `sym(A) = (A + Aᵀ) / 2`, for a tall view; a wide view is
-    handled transposed, `U - sym(U Wᵀ) W`.
+    `U - W sym(WᵀU)`, `sym(A) = (A + Aᵀ) / 2`, on views transposed to be tall.
 
     >>> stiefel_tangent(jnp.eye(2), jnp.array([[1.0, 2.0], [0.0, 3.0]]))
     Array([[ 0.,  1.],
            [-1.,  0.]], dtype=float32)
     """
-    a, b = matrix_view(w), matrix_view(u)
-    wide = a.shape[0] < a.shape[1]
-    if wide:
-        a, b = a.T, b.T
-    m = a.T @ b
-    v = b - a @ ((m + m.T) / 2)
-    return sharded_like((v.T if wide else v).reshape(u.shape), u)
+
+    def tangent(a, b):
+        m = a.T @ b
+        return b - a @ ((m + m.T) / 2)
+
+    return on_tall_view(tangent, w, u)
