@@ -45,9 +45,7 @@ def canonical_axis(axis: AxisSpec) -> int | tuple[int, ...] | str | None:
 
 
 def resolve_axis(axis: AxisSpec, ndim: int) -> tuple[int, ...]:
-    """The non-negative, sorted axes that `axis` names for an `ndim` array.
-
-    Raises `ValueError` if an axis is out of range (callers add the leaf's path).
+    """Sorted non-negative axes that `axis` names for an `ndim` array (`ValueError` if invalid).
 
     >>> resolve_axis("fan_in", 4)
     (0, 1, 2)

@@ -47,9 +47,7 @@ def _peak_scaled(x):
 
 
 def matrix_view(w: jax.Array) -> jax.Array:
-    """`w` reshaped to `(fan_in, out) = (prod(shape[:-1]), shape[-1])`, gathered if sharded.
-
-    Raises `ValueError` for arrays with fewer than 2 dimensions.
+    """`w` as its `(fan_in, out) = (prod(shape[:-1]), shape[-1])` matrix, gathered if sharded.
 
     >>> matrix_view(jnp.zeros((3, 3, 4, 8))).shape
     (36, 8)
@@ -165,10 +163,9 @@ def orthogonal_newton_schulz(
     On the `(fan_in, out)` view, transposed to be tall, :math:`X_0 = W / b`,
     :math:`X_{k+1} = \\tfrac32 X_k - \\tfrac12 X_k X_k^\\top X_k`, with
     :math:`b^2 = \\min(\\operatorname{tr} G, \\max_i \\sum_j |G_{ij}|) \\ge
-    \\sigma_{\\max}(W)^2`, :math:`G = W^\\top W`. About
-    :math:`\\log_{1.5}(b/s_{\\min}) + 5` iterations reach float32 accuracy:
-    5-6 for a near-orthogonal kernel, about 25 for an ill-conditioned one. A
-    rank-deficient `W` converges to the partial isometry on its range.
+    \\sigma_{\\max}(W)^2`, :math:`G = W^\\top W`. About 5-6 iterations reach
+    float32 accuracy for a near-orthogonal kernel, about 25 for an
+    ill-conditioned one; a rank-deficient `W` converges to a partial isometry.
 
     Args:
       w: kernel with at least 2 dimensions.
@@ -187,8 +184,7 @@ def orthogonal_newton_schulz(
     layout = _Layout(x)
     g, eye = gram(x)
     # G is symmetric: Gershgorin's row sums may run over its first half of axes.
-    row_sums = jnp.sum(jnp.abs(g), axis=layout.half)
-    bound_sq = jnp.minimum(jnp.sum(x * x), jnp.max(row_sums))
+    bound_sq = jnp.minimum(jnp.sum(x * x), jnp.max(jnp.sum(jnp.abs(g), axis=layout.half)))
     positive = bound_sq > 0
     # An all-zero kernel stays zero (and its gradient finite).
     x = x * jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, bound_sq, 1)), 0)
@@ -305,20 +301,17 @@ def power_iteration(w2d: jax.Array, u: jax.Array, num_iters: int = 1):
     """Estimates the largest singular value of a matrix by power iteration.
 
     Each iteration computes :math:`v = W u / \\|W u\\|`, :math:`u = W^\\top v /
-    \\|W^\\top v\\|`, and :math:`\\sigma = v^\\top W u \\le \\sigma_{\\max}(W)`.
-    Keeping `u` between calls (as spectral normalization does) makes one
-    iteration per step enough; a zero vector restarts from the normalized
-    all-ones one.
+    \\|W^\\top v\\|`; :math:`\\sigma = v^\\top W u \\le \\sigma_{\\max}(W)`. Keep
+    `u` between calls (one iteration per step is then enough); a zero vector
+    restarts from the normalized all-ones one.
 
     Args:
-      w2d: a matrix `(m, n)`, or a kernel `(*fan_in_axes, out)`, contracted in
-        place as its `(fan_in, out)` view.
+      w2d: a matrix `(m, n)`, or a kernel `(*fan_in_axes, out)` (contracted in place).
       u: current estimate of the top right singular vector, shape `(n,)`.
       num_iters: iterations to run (a Python int >= 1).
 
     Returns:
-      `(sigma, u_new, v)`: the estimate, the right vector (laid out like `u`)
-      and the left vector (`(m,)`, or `shape[:-1]` for a kernel).
+      `(sigma, u_new, v)`: `u_new` laid out like `u`, `v` of shape `(m,)` (`shape[:-1]`).
 
     >>> from optax_constraints.projections import power_iteration
     >>> sigma, u, v = power_iteration(jnp.array([[3.0, 0.0], [0.0, 1.0]]), jnp.ones(2), 10)
@@ -355,12 +348,11 @@ def power_iteration_until_settled(
     """Power iteration that runs until its estimate of `sigma_max` has settled.
 
     At least `min_iters`, at most `max_iters` iterations of `power_iteration`,
-    stopping one after a `u` whose relative residual as an eigenvector of
-    :math:`B = W^\\top W` is below `rtol`: :math:`\\|B u - \\rho u\\| \\le
-    \\mathrm{rtol}\\, \\rho`, :math:`\\rho = \\|W u\\|^2`. :math:`\\sigma \\le
-    \\sigma_{\\max}` always; only an SVD certifies it (docs/performance.md has
-    the errors). The loop runs on `stop_gradient(w2d)`; `sigma = v^T W u` is
-    differentiable in `w2d` with `u`, `v` fixed.
+    stopping one after a `u` with :math:`\\|B u - \\rho u\\| \\le
+    \\mathrm{rtol}\\, \\rho`, :math:`B = W^\\top W`, :math:`\\rho = \\|W
+    u\\|^2`. :math:`\\sigma \\le \\sigma_{\\max}` always; only an SVD certifies
+    it (docs/performance.md). The loop runs on `stop_gradient(w2d)`; `sigma =
+    v^T W u` is differentiable in `w2d` with `u`, `v` fixed.
 
     Returns:
       `(sigma, u_new, v, iters)`, `iters` the number of iterations run (int32).

@@ -39,7 +39,8 @@ def as_array(w) -> jax.Array:
     try:
         return jnp.asarray(w)
     except (TypeError, ValueError):
-        text = repr(w) if len(repr(w)) <= 80 else repr(w)[:77] + "..."
+        text = repr(w)
+        text = text if len(text) <= 80 else text[:77] + "..."
         raise TypeError(
             f"A constraint projects one array; got {type(w).__name__} {text}. To"
             " constrain a parameter tree use oc.apply_constraints(params, constraints,"
@@ -104,9 +105,8 @@ AxisName = str | tuple[str, ...] | None
 def unit_norms(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> jax.Array:
     """Euclidean norm of each unit: `sqrt(sum(w * w, axis, keepdims=True))`.
 
-    Keras's formula, with a gradient of zero (not NaN) at an all-zero unit.
-    Inside `jax.shard_map`, the sums are `psum`med over the mesh axes
-    `axis_name` that split the unit's axes.
+    Keras's formula, with a zero gradient at a zero unit; inside `jax.shard_map`
+    the sums are `psum`med over the mesh axes `axis_name` that split the unit.
 
     >>> unit_norms(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
     Array([[5., 0.]], dtype=float32)
@@ -163,8 +163,7 @@ def min_max_norm(
     .. math:: w' = w \\cdot \\frac{r\\,\\mathrm{clip}(\\|w\\|, a, b) + (1-r)\\|w\\|}
        {\\epsilon + \\|w\\|}
 
-    An all-zero unit stays zero; one whose norm overflows is scaled by
-    `1 - rate` (Keras gives NaN). `axis` and `axis_name` as in `max_norm`.
+    A zero unit stays zero; an overflowing one is scaled by `1 - rate` (Keras: NaN).
 
     >>> from optax_constraints.projections import min_max_norm
     >>> min_max_norm(jnp.array([[6.0, 0.0], [8.0, 0.0]]), min_value=1.0, max_value=2.0)
@@ -202,10 +201,9 @@ def sphere(
 ) -> jax.Array:
     """Rescales each unit onto the sphere of `radius`: exactly :math:`w\\, r / \\|w\\|`.
 
-    No epsilon (unlike `unit_norm`). An all-zero unit has no nearest point on
-    the sphere: it stays zero (as does one whose sum of squares underflows),
-    with a zero gradient. `radius` may be an array that broadcasts against the
-    per-unit norms; `axis` and `axis_name` as in `max_norm`.
+    No epsilon (unlike `unit_norm`). A zero unit has no nearest point on the
+    sphere: it stays zero, with a zero gradient. `radius` may be an array that
+    broadcasts against the per-unit norms.
 
     >>> from optax_constraints.projections import sphere
     >>> sphere(jnp.array([[3.0, 0.0], [4.0, 0.0]]), radius=2.0)

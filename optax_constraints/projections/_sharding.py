@@ -19,8 +19,7 @@ def _explicit(sharding) -> bool:
     return any(axes is not None for axes in sharding.spec)
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
-    """The mesh axis names in one `PartitionSpec` entry: None, a name, or a tuple."""
+def _mesh_axes(entry) -> tuple[str, ...]:  # a `PartitionSpec` entry: None, a name, or a tuple
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 

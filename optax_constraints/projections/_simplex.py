@@ -34,11 +34,8 @@ def _simplex_units_jvp(axes, primals, tangents):
 
 
 def _threshold(v, scale, axes):
-    """Each unit's `theta` with `sum(max(v - theta, 0)) = scale`, from the mean (a lower bound).
-
-    Repeats `theta = (sum of the entries above theta - scale) / their count`
-    until that set stops shrinking (at most once per entry); then it is exact.
-    """
+    """Each unit's `theta` with `sum(max(v - theta, 0)) = scale`: from the mean, repeat
+    `theta = (sum of the entries above theta - scale) / their count` until that set settles."""
     n = math.prod(v.shape[a] for a in axes)
     theta = (jnp.sum(v, axis=axes, keepdims=True) - scale) / n
 
@@ -69,8 +66,7 @@ def l1_ball(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0, axis: AxisSpec 
     .. math:: P(w) = \\operatorname{sign}(w) \\max(|w| - \\theta, 0)
 
     with :math:`\\theta = 0` when :math:`\\|w\\|_1 \\le m` (the unit comes back
-    bit for bit), else the :math:`\\theta` with :math:`\\sum \\max(|w_i| -
-    \\theta, 0) = m`. `axis` as in `max_norm`.
+    bit for bit), else the :math:`\\theta` with :math:`\\sum \\max(|w_i| - \\theta, 0) = m`.
 
     >>> from optax_constraints.projections import l1_ball
     >>> l1_ball(jnp.array([[3.0, 0.2], [1.0, -0.3]]), max_value=1.0)
