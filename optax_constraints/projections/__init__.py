@@ -1,9 +1,4 @@
-"""Pure projection functions: one array in, one array out.
-
-Hyper-parameters are plain arguments (numbers, arrays or tracers); nothing
-here holds state or looks at pytrees, so every function is jit-, vmap- and
-grad-safe. The constraint classes in `optax_constraints` bind these.
-"""
+"""Pure projection functions: one array in, one array out, jit-, vmap- and grad-safe."""
 
 from optax_constraints.projections._axis import FAN_IN as FAN_IN
 from optax_constraints.projections._axis import AxisSpec as AxisSpec
@@ -31,11 +26,11 @@ from optax_constraints.projections._norms import max_norm as max_norm
 from optax_constraints.projections._norms import min_max_norm as min_max_norm
 from optax_constraints.projections._norms import non_neg as non_neg
 from optax_constraints.projections._norms import projection as projection
+from optax_constraints.projections._norms import sphere as sphere
 from optax_constraints.projections._norms import unit_norm as unit_norm
 from optax_constraints.projections._norms import unit_norms as unit_norms
 from optax_constraints.projections._simplex import l1_ball as l1_ball
 from optax_constraints.projections._simplex import simplex as simplex
-from optax_constraints.projections._sphere import sphere as sphere
 from optax_constraints.projections._tangent import BOUNDARY_RTOL as BOUNDARY_RTOL
 from optax_constraints.projections._tangent import ball_tangent as ball_tangent
 from optax_constraints.projections._tangent import box_tangent as box_tangent

@@ -1,8 +1,4 @@
-"""What `axis` may be, and how it resolves against one array.
-
-An `axis` names the axes a norm reduces over: the weights "incident to one
-unit" are the slice that remains when every *other* axis is fixed.
-"""
+"""What `axis` may be (the axes of one unit), and how it resolves against one array."""
 
 from __future__ import annotations
 
@@ -12,8 +8,7 @@ from collections.abc import Sequence
 FAN_IN = "fan_in"
 
 AxisSpec = int | Sequence[int] | str | None
-"""An int, a tuple/list of ints (negative allowed), `None` (all axes) or
-`"fan_in"` (every axis but the last)."""
+"""An int, a tuple/list of ints (negative allowed), `None` (all axes) or `"fan_in"`."""
 
 AXIS_HELP = (
     "axis must be an int, a tuple or list of distinct ints (negative ints count"
@@ -29,14 +24,10 @@ def _as_int(value) -> int | None:
 
 
 def canonical_axis(axis: AxisSpec) -> int | tuple[int, ...] | str | None:
-    """Validates `axis` without knowing an array; returns a hashable form.
-
-    Lists become tuples so constraints stay hashable; ints stay ints.
+    """Validates `axis` without knowing an array; lists become tuples (hashable).
 
     >>> canonical_axis([0, 1])
     (0, 1)
-    >>> canonical_axis("fan_in")
-    'fan_in'
     """
     if axis is None or (isinstance(axis, str) and axis == FAN_IN):
         return axis
@@ -54,17 +45,10 @@ def canonical_axis(axis: AxisSpec) -> int | tuple[int, ...] | str | None:
 
 
 def resolve_axis(axis: AxisSpec, ndim: int) -> tuple[int, ...]:
-    """The non-negative, sorted axes that `axis` names for an `ndim` array.
+    """Sorted non-negative axes that `axis` names for an `ndim` array (`ValueError` if invalid).
 
-    Raises `ValueError` if an axis is out of range (the message says why;
-    callers add the leaf's path).
-
-    >>> resolve_axis(-1, 3)
-    (2,)
     >>> resolve_axis("fan_in", 4)
     (0, 1, 2)
-    >>> resolve_axis(None, 2)
-    (0, 1)
     """
     axis = canonical_axis(axis)
     if axis is None:
@@ -82,11 +66,7 @@ def resolve_axis(axis: AxisSpec, ndim: int) -> tuple[int, ...]:
 
 
 def in_range(axis: int | tuple[int, ...], ndim: int, name: str = "axis") -> tuple[int, ...]:
-    """Canonical int axes as the non-negative, sorted axes of an `ndim` array.
-
-    Raises `ValueError`, calling them `name`, when one is out of range or two
-    name the same dimension.
-    """
+    """Int axes as sorted non-negative ones; `ValueError` (calling them `name`) if invalid."""
     axes = (axis,) if isinstance(axis, int) else axis
     for a in axes:
         if not -ndim <= a < ndim:

@@ -1,17 +1,4 @@
-"""Keras's norm and sign projections, and the elementwise box, as pure functions.
-
-Every function here maps one array to one array of the same shape and dtype.
-The float32 formulas are Keras 3's, term for term, so results agree with
-`keras.constraints` to the last bit or two. Two things differ where Keras
-returns NaN: the gradient of the norm at an all-zero unit is zero, and
-`min_max_norm` with `rate < 1` on a unit whose norm overflows scales it by
-`1 - rate` (docs/nonfinite.md).
-
-Norm projections take `axis_name`: inside `jax.shard_map`, the mesh axes that
-split a unit, over which the per-unit sums are `psum`med.
-
-bfloat16 and float16 inputs are computed in float32 and cast back.
-"""
+"""Norm projections (Keras 3's float32 formulas, term for term), the sign and the box."""
 
 from __future__ import annotations
 
@@ -48,36 +35,32 @@ def compute_dtype(dtype) -> jnp.dtype:
 
 
 def as_array(w) -> jax.Array:
-    """`jnp.asarray(w)`, with a clear error when `w` is a pytree, not one array."""
+    """`jnp.asarray(w)`, with a clear error when `w` is a pytree."""
     try:
         return jnp.asarray(w)
     except (TypeError, ValueError):
+        text = repr(w)
+        text = text if len(text) <= 80 else text[:77] + "..."
         raise TypeError(
-            f"A constraint projects one array; got {type(w).__name__} {_short(w)}. To"
+            f"A constraint projects one array; got {type(w).__name__} {text}. To"
             " constrain a parameter tree use oc.apply_constraints(params, constraints,"
             " param_labels) or oc.project(constraints, param_labels) in the optimizer."
         ) from None
 
 
-def _short(x, n: int = 80) -> str:
-    text = repr(x)
-    return text if len(text) <= n else text[: n - 3] + "..."
+def safe_div(num, den, fallback: jax.typing.ArrayLike = 0):
+    """`num / den` where `den != 0`, else `fallback`; finite gradients either way (NaN stays)."""
+    nonzero = den != 0
+    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), fallback)
 
 
 def projection(fn: _F) -> _F:
     """Makes `fn(w, ...)` compute in `w`'s compute dtype and return `w`'s dtype.
 
-    bfloat16/float16 inputs are computed in float32 and cast back; float32
-    and float64 inputs are computed as they are (a float64 array
-    hyper-parameter under x64 does not promote a float32 leaf). Inside a
-    trace (`jax.jit`, `grad`, ...) the formula is traced as written; an eager
-    call runs it as one compiled program (Python numbers and `axis` as
-    constants, arrays as arguments), so it rounds like the jitted call and
-    like Keras's own jitted step, not like a chain of eager operations.
+    bfloat16/float16 inputs are computed in float32 and cast back. An eager call
+    runs `fn` as one compiled program (Python numbers and `axis` as constants),
+    so it rounds like the jitted call.
 
-    Use it for your own projection functions:
-
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import projection
     >>> @projection
     ... def shrink(w, factor=0.5):
@@ -115,14 +98,6 @@ def projection(fn: _F) -> _F:
     return wrapper  # pyright: ignore[reportReturnType]  (functools.wraps: fn's signature)
 
 
-def _safe_sqrt(x):
-    # sqrt(0) has an infinite derivative; route zeros through sqrt(1) so the
-    # gradient there is 0 (the forward value is unchanged: sqrt(0) == 0).
-    # A NaN sum stays NaN (as in Keras), so a unit that saw a NaN shows it.
-    zero = x == 0
-    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
-
-
 AxisName = str | tuple[str, ...] | None
 """Mesh axis names to `psum` per-unit sums over inside `jax.shard_map` (`None`: none)."""
 
@@ -130,19 +105,8 @@ AxisName = str | tuple[str, ...] | None
 def unit_norms(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> jax.Array:
     """Euclidean norm of each unit: `sqrt(sum(w * w, axis, keepdims=True))`.
 
-    Keras's formula, with a gradient of zero (not NaN) at an all-zero unit.
-    A unit whose sum of squares overflows (float32 entries near 1e19) has
-    norm `inf`; docs/nonfinite.md says what each constraint makes of it.
-
-    Args:
-      w: the array.
-      axis: the axes of one unit (see `resolve_axis`).
-      axis_name: inside `jax.shard_map`, the mesh axes that split the unit's
-        axes: the per-unit sums are `psum`med over them, so `w` may be the
-        local block of a sharded array (as `axis_name` in `jax.lax.psum`).
-
-    Returns:
-      An array with `w`'s rank (reduced axes kept with size 1).
+    Keras's formula, with a zero gradient at a zero unit; inside `jax.shard_map`
+    the sums are `psum`med over the mesh axes `axis_name` that split the unit.
 
     >>> unit_norms(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
     Array([[5., 0.]], dtype=float32)
@@ -151,7 +115,9 @@ def unit_norms(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> 
     sumsq = jnp.sum(w * w, axis=resolve_axis(axis, w.ndim), keepdims=True)
     if axis_name:
         sumsq = jax.lax.psum(sumsq, axis_name)
-    return _safe_sqrt(sumsq)
+    # sqrt'(0) is infinite: route zeros through sqrt(1) (gradient 0); NaN stays NaN.
+    zero = sumsq == 0
+    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, sumsq)))
 
 
 @projection
@@ -165,27 +131,18 @@ def max_norm(
 
     .. math:: w' = w \\cdot \\frac{\\mathrm{clip}(\\|w\\|, 0, m)}{\\epsilon + \\|w\\|}
 
-    with Keras's :math:`\\epsilon = 10^{-7}`, the norm taken over `axis`.
+    with Keras's :math:`\\epsilon = 10^{-7}`.
 
     Args:
       w: the weights.
       max_value: largest allowed norm per unit (a number, array or tracer).
       axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
-      axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
-        axes (see `unit_norms`).
+      axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's axes.
 
-    Returns:
-      The projected weights, same shape and dtype.
-
-    >>> import jax.numpy as jnp
-    >>> import numpy as np
     >>> from optax_constraints.projections import max_norm
-    >>> np.asarray(max_norm(jnp.array([[3.0, 0.1], [4.0, 0.0]]), max_value=1.0), np.float64).round(4).tolist()
-    [[0.6, 0.1], [0.8, 0.0]]
-
-    References:
-      Srivastava et al., Dropout: a simple way to prevent neural networks from
-      overfitting, JMLR 2014 (section 5.1).
+    >>> max_norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]), max_value=1.0)
+    Array([[0.6, 0. ],
+           [0.8, 0. ]], dtype=float32)
     """
     norms = unit_norms(w, axis, axis_name)
     desired = jnp.clip(norms, 0, max_value)
@@ -206,28 +163,12 @@ def min_max_norm(
     .. math:: w' = w \\cdot \\frac{r\\,\\mathrm{clip}(\\|w\\|, a, b) + (1-r)\\|w\\|}
        {\\epsilon + \\|w\\|}
 
-    `rate=1` enforces the interval strictly; smaller rates move the norm part
-    of the way each time. An all-zero unit stays zero (it has no direction);
-    a unit whose norm overflows to `inf` is scaled by the limit of the
-    factor, `1 - rate` (Keras's formula gives `inf / inf`, NaN).
+    A zero unit stays zero; an overflowing one is scaled by `1 - rate` (Keras: NaN).
 
-    Args:
-      w: the weights.
-      min_value: smallest allowed norm per unit.
-      max_value: largest allowed norm per unit.
-      rate: fraction of the way to move, in `[0, 1]`.
-      axis: axes of one unit.
-      axis_name: inside `jax.shard_map`, the mesh axes splitting the unit's
-        axes (see `unit_norms`).
-
-    Returns:
-      The projected weights, same shape and dtype.
-
-    >>> import jax.numpy as jnp
-    >>> import numpy as np
     >>> from optax_constraints.projections import min_max_norm
-    >>> np.asarray(min_max_norm(jnp.array([[0.3, 6.0], [0.4, 8.0]]), 1.0, 2.0), np.float64).round(4).tolist()
-    [[0.6, 1.2], [0.8, 1.6]]
+    >>> min_max_norm(jnp.array([[6.0, 0.0], [8.0, 0.0]]), min_value=1.0, max_value=2.0)
+    Array([[1.2, 0. ],
+           [1.6, 0. ]], dtype=float32)
     """
     norms = unit_norms(w, axis, axis_name)
     desired = rate * jnp.clip(norms, min_value, max_value) + (1 - rate) * norms
@@ -238,13 +179,10 @@ def min_max_norm(
 
 @projection
 def unit_norm(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> jax.Array:
-    """Divides each unit by its norm (plus Keras's epsilon).
-
-    .. math:: w' = \\frac{w}{\\epsilon + \\|w\\|}
+    """Divides each unit by its norm plus Keras's epsilon: :math:`w / (\\epsilon + \\|w\\|)`.
 
     An all-zero unit stays zero.
 
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import unit_norm
     >>> unit_norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
     Array([[0.6, 0. ],
@@ -254,12 +192,30 @@ def unit_norm(w: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None) -> j
     return w / (EPSILON + norms)
 
 
+@projection
+def sphere(
+    w: jax.Array,
+    radius: jax.typing.ArrayLike = 1.0,
+    axis: AxisSpec = 0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    """Rescales each unit onto the sphere of `radius`: exactly :math:`w\\, r / \\|w\\|`.
+
+    No epsilon (unlike `unit_norm`). A zero unit has no nearest point on the
+    sphere: it stays zero, with a zero gradient. `radius` may be an array that
+    broadcasts against the per-unit norms.
+
+    >>> from optax_constraints.projections import sphere
+    >>> sphere(jnp.array([[3.0, 0.0], [4.0, 0.0]]), radius=2.0)
+    Array([[1.2, 0. ],
+           [1.6, 0. ]], dtype=float32)
+    """
+    return w * safe_div(radius, unit_norms(w, axis, axis_name))
+
+
 def non_neg(w: jax.Array) -> jax.Array:
-    """Elementwise `maximum(w, 0)`: negative entries (and -0.0) become +0.0.
+    """Elementwise `maximum(w, 0)`: negative entries (and -0.0) become +0.0; exact.
 
-    Exact in every dtype, so it needs no float32 round trip.
-
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import non_neg
     >>> non_neg(jnp.array([-1.0, -0.0, 2.0]))
     Array([0., 0., 2.], dtype=float32)
@@ -273,11 +229,8 @@ def clip(
     min_value: jax.typing.ArrayLike | None = None,
     max_value: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
-    """Elementwise box `[min_value, max_value]` (either bound may be `None`).
+    """Elementwise box `[min_value, max_value]` (either bound may be `None`); exact.
 
-    The Euclidean projection onto the box; exact in every dtype.
-
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import clip
     >>> clip(jnp.array([-2.0, 0.5, 3.0]), -1.0, 1.0)
     Array([-1. ,  0.5,  1. ], dtype=float32)
@@ -292,13 +245,8 @@ def clip(
 
 @projection
 def center_around(w: jax.Array, ref_value: jax.typing.ArrayLike = 0.0) -> jax.Array:
-    """Shifts `w` so its mean is `ref_value` (the Keras guide's custom example).
+    """Shifts `w` so its mean is `ref_value`: :math:`w - \\mathrm{mean}(w) + r`.
 
-    .. math:: w' = w - \\mathrm{mean}(w) + r
-
-    The Euclidean projection onto `{w : mean(w) = r}`.
-
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import center_around
     >>> center_around(jnp.array([1.0, 2.0, 6.0]), ref_value=1.0)
     Array([-1.,  0.,  4.], dtype=float32)

@@ -1,12 +1,4 @@
-"""Euclidean projections of each unit onto the L1 ball and the simplex.
-
-A unit is the slice over `axis`, as for `max_norm` (`axis=0` on a Dense
-kernel `(in, out)`: one unit per output; `"fan_in"`: every axis but the last;
-`None`: the whole array). Both reduce to one threshold per unit, found
-exactly by Michelot's (1986) iteration: masked sums over the unit's axes, no
-sort and no transpose. Jittable, vmappable and differentiable. bfloat16 and
-float16 inputs are computed in float32 and cast back.
-"""
+"""Euclidean projections of each unit onto the L1 ball and the simplex (Michelot, 1986)."""
 
 from __future__ import annotations
 
@@ -22,15 +14,9 @@ from optax_constraints.projections._norms import projection
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _simplex_units(v, scale, axes):
-    """Each unit of `v` (the slice over `axes`) projected onto `{x >= 0, sum x = scale}`.
-
-    A custom JVP because the threshold is found by a loop: the derivative is
-    that of `max(v - theta, 0)` with the threshold's own derivative (the mean
-    of the tangent over the unit's nonzero outputs).
-    """
-    # The projection moves with shifts of the unit; shifting its largest entry
-    # to 0 keeps the sums below in the range of `scale` rather than of |v|
-    # (e.g. [1e30, 1.0] with scale 1 gives [1, 0], not [0, 0]).
+    """Each unit of `v` projected onto `{x >= 0, sum x = scale}` (a loop: custom JVP)."""
+    # Shift-invariant: moving the largest entry to 0 keeps the sums in the range
+    # of `scale`, not of |v| ([1e30, 1.0] with scale 1 gives [1, 0], not [0, 0]).
     v = v - jnp.max(v, axis=axes, keepdims=True)
     return jnp.maximum(v - _threshold(v, scale, axes), 0)
 
@@ -41,23 +27,15 @@ def _simplex_units_jvp(axes, primals, tangents):
     dv, dscale = tangents
     out = _simplex_units(v, scale, axes)
     active = out > 0
-    count = jnp.sum(active, axis=axes, keepdims=True).astype(v.dtype)
-    dtheta = (jnp.sum(jnp.where(active, dv, 0), axis=axes, keepdims=True) - dscale) / (
-        jnp.maximum(count, 1)
-    )
+    # d theta: the mean of the tangent over the unit's nonzero outputs.
+    count = jnp.maximum(jnp.sum(active, axis=axes, keepdims=True).astype(v.dtype), 1)
+    dtheta = (jnp.sum(jnp.where(active, dv, 0), axis=axes, keepdims=True) - dscale) / count
     return out, jnp.where(active, dv - dtheta, 0)
 
 
 def _threshold(v, scale, axes):
-    """Each unit's `theta` with `sum(max(v - theta, 0)) = scale` (Michelot, 1986).
-
-    Start from the mean (every entry active: a lower bound of `theta`), then
-    repeat `theta = (sum of the entries above theta - scale) / their count`.
-    `theta` only grows, the set above it only shrinks, and when the set stops
-    changing `theta` is exact. Every unit iterates until all have settled
-    (at most one round per entry; a unit with a NaN settles at once, with a
-    NaN threshold).
-    """
+    """Each unit's `theta` with `sum(max(v - theta, 0)) = scale`: from the mean, repeat
+    `theta = (sum of the entries above theta - scale) / their count` until that set settles."""
     n = math.prod(v.shape[a] for a in axes)
     theta = (jnp.sum(v, axis=axes, keepdims=True) - scale) / n
 
@@ -87,30 +65,13 @@ def l1_ball(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0, axis: AxisSpec 
 
     .. math:: P(w) = \\operatorname{sign}(w) \\max(|w| - \\theta, 0)
 
-    with :math:`\\theta = 0` when :math:`\\|w\\|_1 \\le m` (the unit is
-    returned bit for bit) and otherwise the :math:`\\theta > 0` for which
-    :math:`\\sum \\max(|w_i| - \\theta, 0) = m`, found exactly by Michelot's
-    iteration on :math:`|w|` (soft-thresholding: it also makes the unit sparse).
+    with :math:`\\theta = 0` when :math:`\\|w\\|_1 \\le m` (the unit comes back
+    bit for bit), else the :math:`\\theta` with :math:`\\sum \\max(|w_i| - \\theta, 0) = m`.
 
-    Args:
-      w: the weights.
-      max_value: the radius :math:`m \\ge 0` (number, array or tracer).
-      axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
-
-    Returns:
-      The projected weights, same shape and dtype.
-
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import l1_ball
     >>> l1_ball(jnp.array([[3.0, 0.2], [1.0, -0.3]]), max_value=1.0)
     Array([[ 1. ,  0.2],
            [ 0. , -0.3]], dtype=float32)
-
-    References:
-      Duchi, Shalev-Shwartz, Singer & Chandra, Efficient Projections onto the
-      l1-Ball for Learning in High Dimensions, ICML 2008. Michelot, A finite
-      algorithm for finding the projection of a point onto the canonical
-      simplex of R^n, J. Optim. Theory Appl. 50, 1986.
     """
     if w.size == 0:
         return w
@@ -125,33 +86,14 @@ def l1_ball(w: jax.Array, max_value: jax.typing.ArrayLike = 1.0, axis: AxisSpec 
 def simplex(w: jax.Array, scale: jax.typing.ArrayLike = 1.0, axis: AxisSpec = 0) -> jax.Array:
     """Euclidean projection of each unit onto `{x >= 0, sum(x) = scale}`.
 
-    .. math:: P(w) = \\max(w - \\theta, 0), \\qquad
-       \\sum_i \\max(w_i - \\theta, 0) = s
+    .. math:: P(w) = \\max(w - \\theta, 0), \\qquad \\sum_i \\max(w_i - \\theta, 0) = s
 
-    with the threshold :math:`\\theta` found exactly by Michelot's iteration. With
-    `scale=1` each unit becomes a probability vector (mixture weights,
-    attention-like or convex-combination layers). An all-zero unit becomes
-    the uniform vector `scale / n`.
+    An all-zero unit becomes the uniform vector `scale / n`. `axis` as in `max_norm`.
 
-    Args:
-      w: the weights.
-      scale: the sum :math:`s > 0` of each unit (number, array or tracer).
-      axis: axes of one unit: int, tuple/list, negative, `None` or `"fan_in"`.
-
-    Returns:
-      The projected weights, same shape and dtype.
-
-    >>> import jax.numpy as jnp
     >>> from optax_constraints.projections import simplex
     >>> simplex(jnp.array([[0.5, 0.0], [2.0, 0.0]]))
     Array([[0. , 0.5],
            [1. , 0.5]], dtype=float32)
-
-    References:
-      Held, Wolfe & Crowder, Validation of subgradient optimization, Math.
-      Programming 6, 1974. Michelot, J. Optim. Theory Appl. 50, 1986. Condat,
-      Fast projection onto the simplex and the l1 ball, Math. Programming 158,
-      2016 (which compares the algorithms).
     """
     if w.size == 0:
         return w

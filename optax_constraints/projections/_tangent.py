@@ -1,10 +1,4 @@
-"""Tangent maps: an update `u` moved into the tangent space (or cone) of a set at `w`.
-
-The constraints' `tangent` hooks bind these; `oc.tangent` applies them to
-a parameter tree. Each function takes the point `w` and the update `u`
-(same shape), computes in float32 for bfloat16/float16 inputs, and returns
-an array of `u`'s dtype.
-"""
+"""Tangent maps: an update `u` moved into the tangent space (or cone) of a set at `w`."""
 
 from __future__ import annotations
 
@@ -14,21 +8,16 @@ import jax
 import jax.numpy as jnp
 
 from optax_constraints.projections._axis import AxisSpec, resolve_axis
-from optax_constraints.projections._matrix import matrix_view
-from optax_constraints.projections._norms import EPSILON, AxisName, compute_dtype
-from optax_constraints.projections._sharding import sharded_like
+from optax_constraints.projections._matrix import on_tall_view
+from optax_constraints.projections._norms import EPSILON, AxisName, compute_dtype, safe_div
 
 BOUNDARY_RTOL = 2.0**-16
-"""A norm ball's boundary, relative: `‖w‖ >= m (1 - BOUNDARY_RTOL) - 1e-7` is on it.
-
-After `MaxNorm`'s projection a unit's norm is `m ‖w‖ / (1e-7 + ‖w‖)`, just
-inside `m` (Keras's epsilon), plus the rounding of a sum over the unit; this
-slack (about 500 float32 ulps) counts such units as on the boundary.
-"""
+"""A unit with `‖w‖ >= m (1 - BOUNDARY_RTOL) - 1e-7` is on a ball's boundary (~500 ulps of
+slack, so that units `MaxNorm` just projected, which Keras's epsilon leaves inside, count)."""
 
 
 def _in_compute_dtype(fn):
-    """`fn(w, u, ...)` run in the compute dtype of `w` and `u`; the result in `u`'s dtype."""
+    """`fn(w, u, ...)` run in the compute dtype of `w` and `u`; returns `u`'s dtype."""
 
     @functools.wraps(fn)
     def wrapper(w, u, *args, **kwargs):
@@ -48,27 +37,18 @@ def _radial(w, u, axes, axis_name=None):
     return inner, sumsq
 
 
-def _safe_ratio(num, den):
-    zero = den == 0  # a NaN stays NaN
-    return jnp.where(zero, 0, num / jnp.where(zero, 1, den))
-
-
 @_in_compute_dtype
 def sphere_tangent(
     w: jax.Array, u: jax.Array, axis: AxisSpec = 0, axis_name: AxisName = None
 ) -> jax.Array:
-    """Per unit, `u` minus its component along `w`: `u - <u, w> w / ‖w‖²`.
+    """Per unit, `u - <u, w> w / ‖w‖²` (`u` for a zero unit): the sphere's tangent space.
 
-    The tangent space of the sphere through `w` (any radius). A zero unit
-    has none; its update is returned unchanged.
-
-    >>> import jax.numpy as jnp
     >>> sphere_tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
     Array([[0.],
            [3.]], dtype=float32)
     """
     inner, sumsq = _radial(w, u, resolve_axis(axis, w.ndim), axis_name)
-    return u - _safe_ratio(inner, sumsq) * w
+    return u - safe_div(inner, sumsq) * w
 
 
 @_in_compute_dtype
@@ -82,13 +62,9 @@ def ball_tangent(
 ) -> jax.Array:
     """The tangent cone of `‖w‖ <= max_value` (and `‖w‖ >= min_value`), per unit.
 
-    Inside the ball `u` is unchanged; on its boundary (see `BOUNDARY_RTOL`)
-    an outward radial component (`<u, w> > 0`) is removed, an inward one
-    kept. With `min_value > 0` (a shell, `MinMaxNorm`), on the inner
-    boundary (`‖w‖ <= min_value (1 + BOUNDARY_RTOL) + 1e-7`) an inward
-    radial component is removed.
+    On the boundary (see `BOUNDARY_RTOL`) an outward radial component of `u`
+    is removed (with `min_value > 0`, an inward one on the inner boundary).
 
-    >>> import jax.numpy as jnp
     >>> ball_tangent(jnp.array([[1.0, 0.5], [0.0, 0.0]]), jnp.array([[2.0, 2.0], [3.0, 3.0]]), 1.0)
     Array([[0., 2.],
            [3., 3.]], dtype=float32)
@@ -99,14 +75,13 @@ def ball_tangent(
     if min_value is not None:
         at_min = (norms <= min_value * (1 + BOUNDARY_RTOL) + EPSILON) & (min_value > 0)
         blocked = blocked | (at_min & (inner < 0))
-    return u - jnp.where(blocked, _safe_ratio(inner, sumsq), 0) * w
+    return u - jnp.where(blocked, safe_div(inner, sumsq), 0) * w
 
 
 @_in_compute_dtype
 def sum_zero_tangent(w: jax.Array, u: jax.Array, axis: AxisSpec = None) -> jax.Array:
     """Per unit, `u` minus its mean: the tangent space of `{sum(w) = const}`.
 
-    >>> import jax.numpy as jnp
     >>> sum_zero_tangent(jnp.zeros(3), jnp.array([1.0, 2.0, 6.0]))
     Array([-2., -1.,  3.], dtype=float32)
     """
@@ -119,22 +94,16 @@ def box_tangent(
     min_value: jax.typing.ArrayLike | None = None,
     max_value: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
-    """The tangent cone of the box `[min_value, max_value]`, elementwise.
+    """The tangent cone of the box `[min_value, max_value]`: outward components at a bound zeroed.
 
-    Where `w` is at (or beyond) a bound, the component of `u` pointing out
-    of the box is set to zero; everywhere else `u` is unchanged. Exact in
-    every dtype (it only selects).
-
-    >>> import jax.numpy as jnp
     >>> box_tangent(jnp.array([0.0, 0.0, 0.5]), jnp.array([-1.0, 1.0, -1.0]), 0.0)
     Array([ 0.,  1., -1.], dtype=float32)
     """
     w, u = jnp.asarray(w), jnp.asarray(u)
-    zero = jnp.zeros((), u.dtype)
     if min_value is not None:
-        u = jnp.where((w <= jnp.asarray(min_value, w.dtype)) & (u < 0), zero, u)
+        u = jnp.where((w <= jnp.asarray(min_value, w.dtype)) & (u < 0), 0, u)
     if max_value is not None:
-        u = jnp.where((w >= jnp.asarray(max_value, w.dtype)) & (u > 0), zero, u)
+        u = jnp.where((w >= jnp.asarray(max_value, w.dtype)) & (u > 0), 0, u)
     return u
 
 
@@ -142,24 +111,15 @@ def box_tangent(
 def stiefel_tangent(w: jax.Array, u: jax.Array) -> jax.Array:
     """The tangent space of the Stiefel manifold at the `(fan_in, out)` view of `w`.
 
-    For a tall view (`fan_in >= out`, orthonormal columns) `U - W sym(WᵀU)`
-    with `sym(A) = (A + Aᵀ) / 2`, so that `WᵀV + VᵀW = 0` when `WᵀW = I`;
-    a wide view (orthonormal rows) is handled transposed,
-    `U - sym(U Wᵀ) W`.
+    `U - W sym(WᵀU)`, `sym(A) = (A + Aᵀ) / 2`, on views transposed to be tall.
 
-    >>> import jax.numpy as jnp
     >>> stiefel_tangent(jnp.eye(2), jnp.array([[1.0, 2.0], [0.0, 3.0]]))
     Array([[ 0.,  1.],
            [-1.,  0.]], dtype=float32)
-
-    References:
-      Edelman, Arias & Smith, The Geometry of Algorithms with Orthogonality
-      Constraints, SIAM J. Matrix Anal. Appl. 20(2), 1998.
     """
-    a, b = matrix_view(w), matrix_view(u)
-    wide = a.shape[0] < a.shape[1]
-    if wide:
-        a, b = a.T, b.T
-    m = a.T @ b
-    v = b - a @ ((m + m.T) / 2)
-    return sharded_like((v.T if wide else v).reshape(u.shape), u)
+
+    def tangent(a, b):
+        m = a.T @ b
+        return b - a @ ((m + m.T) / 2)
+
+    return on_tall_view(tangent, w, u)
