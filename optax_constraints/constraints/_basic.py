@@ -1,8 +1,5 @@
-"""Keras's four constraints, plus the box and the Keras guide's `CenterAround`.
-
-Names, defaults, `get_config` keys and float32 numerics are Keras 3's; the
-lower-case aliases are the same classes, as in `keras.constraints`.
-"""
+"""Keras's four constraints (same names, defaults, configs and float32 numerics),
+the elementwise box `Clip` and the Keras guide's `CenterAround`."""
 
 # Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
 # values after `at_step`, which the types cannot say:
@@ -20,14 +17,10 @@ from optax_constraints._typing import HyperParam
 from optax_constraints.constraints._base import (
     Constraint,
     _hashable,
+    as_float,
     check_number,
-    is_python_number,
+    check_order,
 )
-
-
-def _float(w):
-    w = jnp.asarray(w)
-    return w.astype(P.compute_dtype(w.dtype))
 
 
 def _config_axis(axis):
@@ -43,8 +36,7 @@ class _AxisConstraint(Constraint):
         P.resolve_axis(self.axis, len(shape))
 
     def on_leaf_axes(self, axes, ndim):
-        # A unit of a copy is a slice over some of the copy's axes: the same
-        # slice of the leaf, over the leaf axes they are.
+        # A unit of a copy is the same slice of the leaf, over the leaf's axes.
         unit = tuple(sorted(axes[a] for a in P.resolve_axis(self.axis, len(axes))))
         return type(self).from_config({**self.get_config(), "axis": list(unit)})
 
@@ -55,20 +47,16 @@ class _AxisConstraint(Constraint):
         return f"{units} unit{'s' if units != 1 else ''} of {size}"
 
     def _key(self):
-        # `axis=0` and `axis=(0,)` name the same units: equal, same hash (one
-        # compiled step for both). The config keeps the form the user gave.
-        key = dict(self.get_config())
-        if isinstance(self.axis, int):
-            key["axis"] = (self.axis,)
-        return (type(self), _hashable(key))
+        # `axis=0` and `axis=(0,)` name the same units: equal, same hash.
+        axis = (self.axis,) if isinstance(self.axis, int) else self.axis
+        return (type(self), _hashable({**self.get_config(), "axis": axis}))
 
 
 class _NormConstraint(_AxisConstraint):
     """A constraint that rescales each unit by a function of its norm.
 
-    Inside `jax.shard_map` it projects the local block of a leaf on its own:
-    the per-unit sums of squares are `psum`med over the mesh axes that split
-    a unit (`axis_name` of the projections), the rescaling is local.
+    Inside `jax.shard_map` the per-unit sums of squares are `psum`med over
+    the mesh axes that split a unit (`_axis_name`); the rescaling is local.
     """
 
     _axis_name: tuple[str, ...] | None = None
@@ -86,7 +74,7 @@ class _NormConstraint(_AxisConstraint):
         return out
 
     def _norms(self, w):
-        return P.unit_norms(_float(w), self.axis, self._axis_name)
+        return P.unit_norms(as_float(w), self.axis, self._axis_name)
 
 
 class MaxNorm(_NormConstraint):
@@ -128,11 +116,10 @@ class MaxNorm(_NormConstraint):
     def violation(self, w):
         """The largest amount by which a unit's norm exceeds `max_value`."""
         c = self.at_step(0)
-        excess = c._norms(w) - c.max_value
-        return jnp.max(jnp.maximum(excess, 0), initial=0.0)
+        return jnp.max(jnp.maximum(c._norms(w) - c.max_value, 0), initial=0.0)
 
     def tangent(self, w, u):
-        """The tangent cone of the ball: on the boundary, the outward radial part removed."""
+        """The ball's tangent cone: on the boundary, the outward radial part removed."""
         c = self.at_step(0)
         return P.ball_tangent(w, u, c.max_value, c.axis, axis_name=self._axis_name)
 
@@ -170,11 +157,7 @@ class MinMaxNorm(_NormConstraint):
         check_number("min_value", min_value, low=0, owner="MinMaxNorm")
         check_number("max_value", max_value, low=0, owner="MinMaxNorm")
         check_number("rate", rate, low=0, high=1, owner="MinMaxNorm")
-        if is_python_number(min_value) and is_python_number(max_value) and min_value > max_value:
-            raise ValueError(
-                f"MinMaxNorm: min_value must be <= max_value; got min_value={min_value!r},"
-                f" max_value={max_value!r}."
-            )
+        check_order("MinMaxNorm", min_value, max_value)
         self.min_value = min_value
         self.max_value = max_value
         self.rate = rate
@@ -200,11 +183,7 @@ class MinMaxNorm(_NormConstraint):
         return jnp.max(jnp.maximum(gap, 0), initial=0.0)
 
     def tangent(self, w, u):
-        """The tangent cone of the shell `min_value <= ‖w‖ <= max_value`.
-
-        On the outer sphere the outward radial part is removed, on the inner
-        one (`min_value > 0`) the inward one; inside, `u` is unchanged.
-        """
+        """The shell's tangent cone: the outward (outer sphere) or inward part removed."""
         c = self.at_step(0)
         return P.ball_tangent(
             w, u, c.max_value, c.axis, min_value=c.min_value, axis_name=self._axis_name
@@ -249,20 +228,18 @@ class NonNeg(Constraint):
     Array([0. , 0.5], dtype=float32)
     """
 
+    elementwise = True
+
     def __call__(self, w):
         return P.non_neg(w)
 
     def project_update(self, param, update, state, step):
-        del step
         # p + (-p) is exactly +0.0 in IEEE arithmetic; p + u > 0 stays > 0 when
         # optax.apply_updates casts it to the param dtype.
         return jnp.where(param + update <= 0, -param, update), state
 
-    elementwise = True
-
     def violation(self, w):
-        w = _float(w)
-        return jnp.maximum(-jnp.min(w, initial=0), 0)
+        return jnp.maximum(-jnp.min(as_float(w), initial=0), 0)
 
     def tangent(self, w, u):
         """Where `w <= 0`, a negative update component is dropped."""
@@ -270,9 +247,7 @@ class NonNeg(Constraint):
 
 
 class Clip(Constraint):
-    """Elementwise box: every weight in `[min_value, max_value]`.
-
-    Either bound may be `None` (unbounded on that side).
+    """Elementwise box: every weight in `[min_value, max_value]` (`None`: unbounded).
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -281,25 +256,19 @@ class Clip(Constraint):
     """
 
     schedulable = ("min_value", "max_value")
+    elementwise = True
 
     def __init__(self, min_value: HyperParam | None = None, max_value: HyperParam | None = None):
-        if min_value is not None:
-            check_number("min_value", min_value, owner="Clip")
-        if max_value is not None:
-            check_number("max_value", max_value, owner="Clip")
-        if is_python_number(min_value) and is_python_number(max_value) and min_value > max_value:
-            raise ValueError(
-                f"Clip: min_value must be <= max_value; got min_value={min_value!r},"
-                f" max_value={max_value!r}."
-            )
+        for name, value in (("min_value", min_value), ("max_value", max_value)):
+            if value is not None:
+                check_number(name, value, owner="Clip")
+        check_order("Clip", min_value, max_value)
         self.min_value = min_value
         self.max_value = max_value
 
     def __call__(self, w):
         c = self.at_step(0)
         return P.clip(w, c.min_value, c.max_value)
-
-    elementwise = True
 
     def get_config(self):
         return {"min_value": self.min_value, "max_value": self.max_value}
@@ -326,8 +295,7 @@ class CenterAround(Constraint):
         self.ref_value = ref_value
 
     def __call__(self, w):
-        c = self.at_step(0)
-        return P.center_around(w, c.ref_value)
+        return P.center_around(w, self.at_step(0).ref_value)
 
     def get_config(self):
         return {"ref_value": self.ref_value}
@@ -341,16 +309,3 @@ max_norm = MaxNorm
 min_max_norm = MinMaxNorm
 non_neg = NonNeg
 unit_norm = UnitNorm
-
-__all__ = [
-    "CenterAround",
-    "Clip",
-    "MaxNorm",
-    "MinMaxNorm",
-    "NonNeg",
-    "UnitNorm",
-    "max_norm",
-    "min_max_norm",
-    "non_neg",
-    "unit_norm",
-]

@@ -10,19 +10,17 @@ import jax.numpy as jnp
 
 from optax_constraints import projections as P
 from optax_constraints._typing import HyperParam
-from optax_constraints.constraints._base import check_number, is_python_number
-from optax_constraints.constraints._basic import _AxisConstraint, _config_axis, _float
+from optax_constraints.constraints._base import as_float, check_number, is_python_number
+from optax_constraints.constraints._basic import _AxisConstraint, _config_axis
 
 
 class L1Ball(_AxisConstraint):
     """Caps the L1 norm of the weights incident to each unit at `max_value`.
 
-    The Euclidean projection onto :math:`\\{w : \\|w\\|_1 \\le m\\}` per unit,
-    i.e. soft-thresholding :math:`\\operatorname{sign}(w)\\max(|w| - \\theta, 0)`
+    The Euclidean projection onto :math:`\\{w : \\|w\\|_1 \\le m\\}` per unit:
+    soft-thresholding :math:`\\operatorname{sign}(w)\\max(|w| - \\theta, 0)`
     with the smallest :math:`\\theta \\ge 0` that makes the unit feasible.
-    Units already inside are left exactly as they are; the others become
-    sparse. Computed exactly with a few masked sums per unit, no sort (see
-    `optax_constraints.projections.l1_ball`).
+    Units already inside are left exactly as they are; the others become sparse.
 
     Args:
       max_value: the radius :math:`m \\ge 0` (number, array or schedule).
@@ -57,7 +55,7 @@ class L1Ball(_AxisConstraint):
     def violation(self, w):
         """The largest amount by which a unit's L1 norm exceeds `max_value`."""
         c = self.at_step(0)
-        w = _float(w)
+        w = as_float(w)
         l1 = jnp.sum(jnp.abs(w), axis=P.resolve_axis(c.axis, w.ndim))
         return jnp.max(jnp.maximum(l1 - c.max_value, 0), initial=0.0)
 
@@ -67,9 +65,8 @@ class Simplex(_AxisConstraint):
 
     The Euclidean projection onto :math:`\\{w : w \\ge 0, \\sum_i w_i = s\\}`
     per unit: :math:`\\max(w - \\theta, 0)` with the threshold
-    :math:`\\theta` that makes the unit sum to :math:`s`. With `scale=1` every
-    unit is a probability vector (mixture or convex-combination weights). An
-    all-zero unit becomes uniform.
+    :math:`\\theta` that makes the unit sum to :math:`s`. An all-zero unit
+    becomes uniform.
 
     Args:
       scale: the sum :math:`s > 0` of each unit (number, array or schedule).
@@ -107,14 +104,11 @@ class Simplex(_AxisConstraint):
     def violation(self, w):
         """The larger of the most negative entry and the worst `|sum - scale|`."""
         c = self.at_step(0)
-        w = _float(w)
+        w = as_float(w)
         total = jnp.sum(w, axis=P.resolve_axis(c.axis, w.ndim))
         negative = jnp.maximum(-jnp.min(w, initial=0.0), 0)
         return jnp.maximum(negative, jnp.max(jnp.abs(total - c.scale), initial=0.0))
 
     def tangent(self, w, u):
-        """Per unit, the sum-zero plane `u - mean(u)` (the sum stays `scale`).
-
-        The non-negativity faces are left to the projection after the step.
-        """
+        """Per unit, the sum-zero plane `u - mean(u)`; the faces `w >= 0` are left to `project`."""
         return P.sum_zero_tangent(w, u, self.axis)

@@ -1,26 +1,5 @@
-"""Layout wrappers: `Stacked` (one constraint per copy) and `OutputFirst`.
-
-A constraint reads its `axis` (and `SpectralNorm`/`Orthogonal` their
-`(fan_in, out)` matrix view) off the leaf it is given. Two common layouts
-break that reading:
-
-* **stacked leaves**: `nn.scan`, `nnx.scan`/`nnx.vmap` and vmapped ensembles
-  stack the parameters of many copies of a layer into one leaf,
-  `(layers, *layer's shape)`. `Stacked(c, stack_axis=0)` applies `c` to
-  every copy on its own;
-* **output-first weights**: Equinox's `Linear.weight` is `(out, in)` and its
-  `Conv.weight` `(out, in, *kernel)`, like PyTorch's. `OutputFirst(c)` shows
-  `c` the leaf with axis 0 moved last, the Flax/Keras `(*fan_in, out)`
-  layout, so `axis="fan_in"` and the matrix view mean "per output unit".
-
-They compose: `Stacked(OutputFirst(c))` for a vmapped Equinox layer.
-
-Both ask the wrapped constraint for `on_leaf_axes`: norm constraints
-translate their `axis` to the leaf's axes and elementwise ones are used as
-they are, so the leaf is projected in place (no `vmap`, no transpose).
-Every other constraint (matrix, stateful, custom) is mapped over the copies
-with `jax.vmap`, or given the moved axes.
-"""
+"""Layout wrappers: `Stacked` (one constraint per copy of a stacked leaf) and
+`OutputFirst` (a constraint on an `(out, *fan_in)` weight)."""
 
 from __future__ import annotations
 
@@ -36,11 +15,6 @@ from optax_constraints.constraints._registry import as_constraint, serialize
 from optax_constraints.projections._axis import canonical_axis, in_range
 from optax_constraints.projections._sharding import explicit_mesh_axes, padded_spec
 
-STACK_AXIS_HELP = (
-    "stack_axis must be an int or a non-empty tuple/list of distinct ints (negative"
-    " ints count from the end), naming the leaf's axes that index the copies"
-)
-
 
 def _wrapped(owner: str, constraint) -> Constraint:
     """A `Constraint` from anything `oc.get` accepts; plain callables are wrapped."""
@@ -53,23 +27,13 @@ def _wrapped(owner: str, constraint) -> Constraint:
     return obj
 
 
-def _canonical_stack_axis(stack_axis) -> int | tuple[int, ...]:
-    try:
-        axis = canonical_axis(stack_axis)
-    except ValueError:
-        axis = None
-    if axis is None or isinstance(axis, str) or axis == ():
-        raise ValueError(f"Stacked: {STACK_AXIS_HELP}; got stack_axis={stack_axis!r}.")
-    return axis
-
-
 class _View(Constraint):
     """A constraint applied to each leaf through a view of it (`Stacked`, `OutputFirst`).
 
-    A subclass says how to see the whole leaf as `constraint`'s
-    (`_on_whole_leaf`: the equivalent constraint on the leaf's own axes,
-    or None) and how to run one of `constraint`'s methods through the view
-    (`_through`); the methods of `Constraint` are written once here.
+    Subclasses give `_on_whole_leaf(ndim)`, the equivalent stateless constraint
+    on the leaf's own axes (or `None`), and `_through(fn, ndim, in_kinds,
+    out_kinds)`, `fn` run through the view: "leaf" arguments and results are
+    views of the leaf, "copy" ones (states, violations) belong to the view.
     """
 
     constraint: Constraint
@@ -78,34 +42,43 @@ class _View(Constraint):
         raise NotImplementedError
 
     def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
-        """`fn` run through the view: "leaf" arguments and results are views of
-        the leaf, "copy" ones (states, violations) belong to the view."""
         raise NotImplementedError
 
-    def _worst(self, violation):
-        return violation
+    def _run(self, name, args, in_kinds, out_kinds, *extra):
+        """`constraint.<name>(*args, *extra)` on the whole leaf if it can be (and
+        the state is `None`), else through the view."""
+        args = tuple(jnp.asarray(a) if k == "leaf" else a for a, k in zip(args, in_kinds))
+        ndim = args[0].ndim
+        whole = self._on_whole_leaf(ndim)
+        if whole is not None and all(a is None for a, k in zip(args, in_kinds) if k == "copy"):
+            return getattr(whole, name)(*args, *extra)
+
+        def one(*args):
+            return getattr(self.constraint, name)(*args, *extra)
+
+        return self._through(one, ndim, in_kinds, out_kinds)(*args)
 
     def __call__(self, w):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole(w)
-        return self._through(self.constraint, w.ndim, ("leaf",), "leaf")(w)
+        return self._run("__call__", (w,), ("leaf",), "leaf")
 
     def init_state(self, w):
         w = jnp.asarray(w)
         return self._through(self.constraint.init_state, w.ndim, ("leaf",), "copy")(w)
 
     def apply(self, w, state, step):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None and state is None:
-            return whole.apply(w, None, step)
+        return self._run("apply", (w, state), ("leaf", "copy"), ("leaf", "copy"), step)
 
-        def apply_one(w, state):
-            return self.constraint.apply(w, state, step)
+    def project_update(self, param, update, state, step):
+        if not self.elementwise:
+            return super().project_update(param, update, state, step)
+        kinds = ("leaf", "leaf", "copy")
+        return self._run("project_update", (param, update, state), kinds, ("leaf", "copy"), step)
 
-        return self._through(apply_one, w.ndim, ("leaf", "copy"), ("leaf", "copy"))(w, state)
+    def tangent(self, w, u):
+        return self._run("tangent", (w, u), ("leaf", "leaf"), "leaf")
+
+    def violation(self, w):
+        return jnp.max(self._run("violation", (w,), ("leaf",), "copy"), initial=0.0)
 
     @property
     def elementwise(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
@@ -115,70 +88,25 @@ class _View(Constraint):
         whole = self._on_whole_leaf(len(spec))
         return None if whole is None else whole.on_shards(spec)
 
-    def project_update(self, param, update, state, step):
-        if not self.elementwise:
-            return super().project_update(param, update, state, step)
-        whole = self._on_whole_leaf(param.ndim)
-        if whole is not None and state is None:
-            return whole.project_update(param, update, None, step)
-
-        def one(param, update, state):
-            return self.constraint.project_update(param, update, state, step)
-
-        kinds = ("leaf", "leaf", "copy")
-        return self._through(one, param.ndim, kinds, ("leaf", "copy"))(param, update, state)
-
-    def tangent(self, w, u):
-        w, u = jnp.asarray(w), jnp.asarray(u)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole.tangent(w, u)
-        return self._through(self.constraint.tangent, w.ndim, ("leaf", "leaf"), "leaf")(w, u)
-
-    def violation(self, w):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole.violation(w)
-        return self._worst(self._through(self.constraint.violation, w.ndim, ("leaf",), "copy")(w))
-
 
 class Stacked(_View):
     """Applies a constraint to every copy of a stacked leaf on its own.
 
-    `stack_axis` (an int or a tuple of ints, like `jax.vmap`'s `in_axes`)
-    names the leaf's axes that index independent copies: the layers of an
-    `nn.scan`/`nnx.scan`/`nnx.vmap` stack, the members of a vmapped ensemble.
-    `constraint` sees one copy, the leaf without those axes, so its `axis`
-    (`"fan_in"` too) and the `(fan_in, out)` matrix view of
-    `SpectralNorm`/`Orthogonal` refer to the copy's axes.
-
-    Without `Stacked`, a `(layers, in, out)` kernel is ONE array to a
-    constraint: `MaxNorm(axis="fan_in")` would take one norm per output unit
-    over all layers and inputs together, `Orthogonal()` would orthogonalise
-    the `(layers * in, out)` matrix. `oc.routing_report` shows which you got.
-
-    * Norm and elementwise constraints are applied to the whole leaf with
-      their axes translated (`Constraint.on_leaf_axes`), so they cost what
-      the same copies cost as separate leaves; every other constraint is
-      mapped over the copies with `jax.vmap` (nested for several axes).
-    * A stateful `constraint` (`SpectralNorm("power")`) keeps one state per
-      copy: its state stacked along leading axes, one per stack axis (in
-      the leaf's axis order), in `project`'s state like any other.
-    * Inside `project` the wrapped constraint keeps its update form: a
-      `Stacked(NonNeg())` leaf is exactly non-negative after
-      `optax.apply_updates`, and schedules are evaluated at the step.
-    * `init` rejects a leaf without the stack axes, or whose copies the
-      wrapped constraint rejects, naming the leaf.
-    * On a stack sharded by layer (`Explicit` or `Auto` mesh axes), each
-      copy is projected on the devices that hold it, loops and all, and
-      the outputs keep the leaf's sharding (docs/multihost.md).
+    `stack_axis` names the leaf's axes that index independent copies: the
+    layers of an `nn.scan`/`nnx.scan`/`nnx.vmap` stack, the members of a
+    vmapped ensemble. `constraint` sees one copy, so its `axis` (`"fan_in"`
+    too) and the `(fan_in, out)` matrix view of `SpectralNorm`/`Orthogonal`
+    refer to the copy's axes, and a stateful one keeps one state per copy
+    (stacked along leading axes, in the leaf's axis order). Without
+    `Stacked`, a `(layers, in, out)` kernel is ONE array to a constraint
+    (docs/stacked.md). `init` rejects a leaf without the stack axes, or whose
+    copies the wrapped constraint rejects, naming the leaf.
 
     Args:
       constraint: the constraint for one copy: any `oc.Constraint` (custom
         ones too), anything `oc.get` accepts, or a callable `w -> w`.
       stack_axis: the leaf's copy axes: an int or a tuple/list of ints,
-        negative ints counting from the end.
+        negative ints counting from the end (like `jax.vmap`'s `in_axes`).
 
     >>> import jax.numpy as jnp
     >>> import numpy as np
@@ -189,15 +117,21 @@ class Stacked(_View):
     [[1.0, 1.0], [0.2, 0.2]]
     >>> c.describe_leaf((2, 4, 2))
     '2 x 2 units of 4'
-    >>> oc.deserialize(oc.serialize(c)) == c
-    True
     """
 
     def __init__(self, constraint, stack_axis: int | Sequence[int] = 0):
         self.constraint = _wrapped("Stacked", constraint)
-        self.stack_axis = _canonical_stack_axis(stack_axis)
-
-    # -- layout --------------------------------------------------------------
+        try:
+            axis = canonical_axis(stack_axis)
+        except ValueError:
+            axis = None
+        if axis is None or isinstance(axis, str) or axis == ():
+            raise ValueError(
+                "Stacked: stack_axis must be an int or a non-empty tuple/list of distinct"
+                " ints (negative ints count from the end), naming the leaf's axes that"
+                f" index the copies; got stack_axis={stack_axis!r}."
+            )
+        self.stack_axis = axis
 
     def stack_axes(self, ndim: int) -> tuple[int, ...]:
         """The stack axes of an `ndim`-d leaf, non-negative and sorted.
@@ -232,8 +166,6 @@ class Stacked(_View):
             fn = jax.vmap(fn, in_axes=spec(in_kinds), out_axes=spec(out_kinds))
         return _off_explicit_stack_axes(fn, stacked, in_kinds, out_kinds)
 
-    # -- Constraint ----------------------------------------------------------
-
     def check_leaf(self, shape, dtype):
         try:
             stacked = self.stack_axes(len(shape))
@@ -251,9 +183,6 @@ class Stacked(_View):
                 f"each copy along stack_axis={self.stack_axis!r} has shape {copy}, and"
                 f" {self.constraint!r} rejects it: {str(err).rstrip('.')}"
             ) from None
-
-    def _worst(self, violation):
-        return jnp.max(violation, initial=0.0)  # over the copies
 
     def on_shards(self, spec):
         local = super().on_shards(spec)
@@ -281,8 +210,6 @@ class Stacked(_View):
         copies = " x ".join(str(shape[a]) for a in stacked)
         return f"{copies} x {self.constraint.describe_leaf(tuple(shape[a] for a in copy_axes))}"
 
-    # -- config and value semantics -------------------------------------------
-
     def get_config(self):
         axis = list(self.stack_axis) if isinstance(self.stack_axis, tuple) else self.stack_axis
         return {"constraint": serialize(self.constraint), "stack_axis": axis}
@@ -298,23 +225,11 @@ class Stacked(_View):
 def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
     """`mapped` run with the `Explicit` mesh axes that shard the leaf made `Auto`.
 
-    `jax.vmap` over an axis sharded on an `Explicit` mesh axis puts that
-    axis in the type of everything it batches. Its rule for a loop
-    (`while_loop`, `fori_loop`, `scan`) does that to a carry that starts
-    unbatched and is batched by the body, and such a carry, made from a
-    constant (an iteration count, a flag, a start vector), has a type
-    without a mesh: JAX 0.10 then fails to trace ("Resource axis: layers
-    ... not found in mesh: ()"). SpectralNorm's power method,
-    Newton-Schulz with `stop_early` and the simplex threshold all loop
-    like that, and so may any custom constraint. A batched `lax.cond`
-    (Newton-Schulz's early stop) becomes a `select` whose predicate JAX
-    0.10 broadcasts unsharded, which fails against a carry sharded over a
-    copy's own axes ("select `which` must be scalar or have the same
-    sharding as cases"). With those mesh axes `Auto` inside
-    (`jax.sharding.auto_axes`), the stack is typed unsharded, the compiler
-    keeps each copy on the devices that hold it (as on an `Auto` mesh), and
-    the outputs get their shardings back: the leaf's for leaf outputs, the
-    stack axes' for per-copy ones (states).
+    Under `jax.vmap` over an `Explicit`-sharded axis, JAX 0.10 fails to trace
+    loops whose carry starts unbatched (power method, Newton-Schulz, simplex
+    threshold, custom loops) and batched `lax.cond`s. With those axes `Auto`
+    inside, each copy stays on its devices and the outputs get their
+    shardings back: the leaf's for leaf outputs, the stack axes' for states.
     """
 
     def run(*args) -> Any:
@@ -335,14 +250,6 @@ def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
     return run
 
 
-def _output_last(w):
-    return jnp.moveaxis(w, 0, -1)
-
-
-def _output_first(w):
-    return jnp.moveaxis(w, -1, 0)
-
-
 def _moved_shape(shape):
     shape = tuple(shape)
     return shape[1:] + shape[:1]
@@ -352,20 +259,11 @@ class OutputFirst(_View):
     """For weights whose output axis comes first: `(out, *fan_in)`.
 
     Equinox's `nn.Linear.weight` is `(out, in)` and its `nn.Conv` weights
-    `(out, in/groups, *kernel)`, as in PyTorch (and in weights converted
-    from it). Flax and Keras put the output axis last, `(*fan_in, out)`,
-    and that is what `axis="fan_in"` and the `(fan_in, out)` matrix view of
-    `SpectralNorm`/`Orthogonal` assume. `OutputFirst(c)` shows `c` the leaf
-    with axis 0 moved last, so `OutputFirst(MaxNorm(2.0, axis="fan_in"))` caps
-    each output unit's norm on an Equinox weight, as `MaxNorm(2.0,
-    axis="fan_in")` does on a Flax kernel; integer axes of `c` count in that
-    moved layout too.
-
-    Norm and elementwise constraints are applied to the leaf in place, their
-    axes translated (no transpose); matrix, stateful and custom constraints
-    get the moved array (`jnp.moveaxis`), and their results are moved back.
-    For a vmapped Equinox layer, `(layers, out, in)`, use
-    `Stacked(OutputFirst(c))`.
+    `(out, in/groups, *kernel)`, as in PyTorch. `OutputFirst(c)` shows `c`
+    the leaf with axis 0 moved last, the Flax/Keras `(*fan_in, out)` layout,
+    so `axis="fan_in"`, integer axes and the `(fan_in, out)` matrix view of
+    `SpectralNorm`/`Orthogonal` mean "per output unit" (docs/equinox.md). For
+    a vmapped Equinox layer, use `Stacked(OutputFirst(c))`.
 
     Args:
       constraint: the constraint for the `(*fan_in, out)` view: any
@@ -378,8 +276,6 @@ class OutputFirst(_View):
     >>> c = oc.OutputFirst(oc.MaxNorm(1.0, axis="fan_in"))
     >>> np.asarray(jnp.linalg.norm(c(weight), axis=1), np.float64).round(4).tolist()  # per output
     [1.0, 0.5]
-    >>> c.describe_leaf((8, 3, 5, 5))  # eqx.nn.Conv2d(3, 8, 5).weight
-    '8 units of 75'
     """
 
     def __init__(self, constraint):
@@ -389,15 +285,17 @@ class OutputFirst(_View):
         return self.on_leaf_axes(tuple(range(ndim)), ndim)
 
     def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
-        """`fn` on the moved arrays: "leaf" arguments get their output axis
-        moved last, "leaf" results get it moved back first."""
+        """`fn` on the leaf with its output axis moved last; "leaf" results moved back."""
 
         def run(*args):
-            moved = (_output_last(a) if k == "leaf" else a for a, k in zip(args, in_kinds))
-            out = fn(*moved)
+            out = fn(
+                *(jnp.moveaxis(a, 0, -1) if k == "leaf" else a for a, k in zip(args, in_kinds))
+            )
             if isinstance(out_kinds, str):
-                return _output_first(out) if out_kinds == "leaf" else out
-            return tuple(_output_first(o) if k == "leaf" else o for o, k in zip(out, out_kinds))
+                return jnp.moveaxis(out, -1, 0) if out_kinds == "leaf" else out
+            return tuple(
+                jnp.moveaxis(o, -1, 0) if k == "leaf" else o for o, k in zip(out, out_kinds)
+            )
 
         return run
 
