@@ -45,14 +45,13 @@ def _hashable(value):
 
 
 class Constraint:
-    """Base class for weight constraints: a projection `w -> w'`.
+    """Base class for weight constraints: a projection `w -> w'` (the base is the identity).
 
     Subclass it and override `__call__` (and `get_config` if the constructor
-    takes arguments), exactly as with `keras.constraints.Constraint`; the base
-    class is the identity. Instances are hashable and compare equal when their
-    class and config are equal, so they can be static arguments to `jax.jit`.
-    The other methods are optional hooks that `project`, `tangent`, `Stacked`,
-    `jax.shard_map` support and `routing_report` call.
+    takes arguments), exactly as with `keras.constraints.Constraint`. Instances
+    are hashable and equal when their class and config are, so they can be
+    static arguments to `jax.jit`. The other methods are optional hooks that
+    `project`, `tangent`, `Stacked`, `shard_map` support and `routing_report` call.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -63,26 +62,27 @@ class Constraint:
     ...         return w - jnp.mean(w) + self.ref_value
     ...     def get_config(self):
     ...         return {"ref_value": self.ref_value}
-    >>> CenterAround(1.0)(jnp.array([0.0, 2.0]))
+    >>> CenterAround.from_config({"ref_value": 1.0})(jnp.array([0.0, 2.0]))
     Array([0., 2.], dtype=float32)
-    >>> CenterAround.from_config({"ref_value": 1.0})
-    CenterAround(ref_value=1.0)
     """
 
     #: Names of constructor arguments that may be Optax schedules.
     schedulable: tuple[str, ...] = ()
+    #: The attributes the base `get_config` writes (tuples as lists, as in Keras).
+    _config_keys: ClassVar[tuple[str, ...]] = ()
     #: True when the projection acts on each entry on its own (`NonNeg`, `Clip`).
     elementwise: ClassVar[bool] = False
     #: Set by `oc.register` on the class it decorates ("package>Name").
     _registered_name: ClassVar[str]
 
     def __call__(self, w: jax.Array) -> jax.Array:
-        """Projects `w` (the base class returns it unchanged)."""
+        """Projects `w`."""
         return w
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as a JSON-friendly dict."""
-        return {}
+        config = {k: getattr(self, k) for k in self._config_keys}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Self:
@@ -91,12 +91,9 @@ class Constraint:
 
     def check_leaf(self, shape: tuple[int, ...], dtype) -> None:
         """Raises `ValueError` (reason only) if a leaf cannot take this constraint."""
-        del shape, dtype
 
     def init_state(self, w: jax.Array) -> PyTree:
         """Per-leaf state kept by `project` across steps; `None` = stateless."""
-        del w
-        return None
 
     def apply(self, w: jax.Array, state: PyTree, step: jax.Array) -> tuple[jax.Array, PyTree]:
         """Projects `w` at optimizer step `step` given its state: `(w', state')`."""
@@ -105,11 +102,7 @@ class Constraint:
     def project_update(
         self, param: jax.Array, update: jax.Array, state: PyTree, step: jax.Array
     ) -> tuple[jax.Array, PyTree]:
-        """The update `u'` with `param + u' == apply(param + update)` up to rounding.
-
-        Computed in float32 for bfloat16/float16 leaves; subclasses override
-        it where an exact update-space form exists (`NonNeg`).
-        """
+        """The update `u'` with `param + u' == apply(param + update)` up to rounding."""
         dtype = compute_dtype(param.dtype)
         param_c = param.astype(dtype)
         target, state = self.apply(param_c + update.astype(dtype), state, step)
@@ -118,40 +111,32 @@ class Constraint:
     def tangent(self, w: jax.Array, u: jax.Array) -> jax.Array:
         """The update `u` projected onto the tangent space (or cone) of the set at `w`.
 
-        `oc.tangent` calls it for every constrained leaf. The base raises
-        `NotImplementedError`, and `oc.tangent`'s `init` names the leaf.
-
         >>> import jax.numpy as jnp
         >>> import optax_constraints as oc
         >>> oc.UnitNorm().tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
         Array([[0.],
                [3.]], dtype=float32)
         """
-        del w, u
         raise NotImplementedError(f"{self!r} defines no tangent space (Constraint.tangent)")
 
     def on_leaf_axes(self, axes: tuple[int, ...], ndim: int) -> Constraint | None:
         """This constraint on each sub-array over `axes` of an `ndim`-d leaf, as one constraint.
 
-        The leaf's other axes index independent copies. `None` (the default
-        for all but elementwise constraints) when there is no such stateless
-        form; `Stacked` and `OutputFirst` then map or move the axes.
+        The leaf's other axes index copies; `None` when there is no such
+        stateless form (`Stacked` and `OutputFirst` then map or move the axes).
 
         >>> import optax_constraints as oc
         >>> oc.MaxNorm(1.0, axis="fan_in").on_leaf_axes((1, 2), 3)  # copies along axis 0
         MaxNorm(max_value=1.0, axis=[1])
         """
-        del axes, ndim
         return self if self.elementwise else None
 
     def on_shards(self, spec: tuple[tuple[str, ...], ...]) -> Constraint | None:
         """This constraint on the local block of a leaf inside `jax.shard_map`.
 
         `spec` gives, per axis of the leaf, the mesh axes that split it. `None`
-        (the default for all but elementwise constraints) makes `project`
-        gather the leaf, project it whole and keep the local block.
+        makes `project` gather the leaf, project it whole and keep the local block.
         """
-        del spec
         return self if self.elementwise else None
 
     def describe_leaf(self, shape: tuple[int, ...]) -> str:
@@ -207,6 +192,8 @@ class FunctionConstraint(Constraint):
     Array([1., 2.], dtype=float32)
     """
 
+    _config_keys = ("fn",)
+
     def __init__(self, fn: Callable[[jax.Array], jax.Array]):
         if not callable(fn):
             raise TypeError(f"FunctionConstraint needs a callable w -> w; got {fn!r}.")
@@ -214,9 +201,6 @@ class FunctionConstraint(Constraint):
 
     def __call__(self, w):
         return self.fn(w)
-
-    def get_config(self):
-        return {"fn": self.fn}
 
     def __repr__(self):
         return f"FunctionConstraint({getattr(self.fn, '__name__', self.fn)!r})"

@@ -1,8 +1,6 @@
-"""Keras's four constraints (same names, defaults, configs and float32 numerics),
-the elementwise box `Clip` and the Keras guide's `CenterAround`."""
+"""Keras's four constraints (same names, configs and float32 numerics), `Clip`, `CenterAround`."""
 
-# Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
-# values after `at_step`, which the types cannot say:
+# Hyper-parameters are values after `at_step`, which the types cannot say:
 # pyright: reportArgumentType=false
 
 from __future__ import annotations
@@ -21,10 +19,6 @@ from optax_constraints.constraints._base import (
     check_number,
     check_order,
 )
-
-
-def _config_axis(axis):
-    return list(axis) if isinstance(axis, tuple) else axis
 
 
 class _AxisConstraint(Constraint):
@@ -53,11 +47,8 @@ class _AxisConstraint(Constraint):
 
 
 class _NormConstraint(_AxisConstraint):
-    """A constraint that rescales each unit by a function of its norm.
-
-    Inside `jax.shard_map` the per-unit sums of squares are `psum`med over
-    the mesh axes that split a unit (`_axis_name`); the rescaling is local.
-    """
+    """Rescales each unit by a function of its norm; inside `jax.shard_map` the
+    per-unit sums are `psum`med over the mesh axes that split a unit (`_axis_name`)."""
 
     _axis_name: tuple[str, ...] | None = None
 
@@ -93,13 +84,10 @@ class MaxNorm(_NormConstraint):
     >>> import optax_constraints as oc
     >>> np.asarray(oc.MaxNorm(max_value=1.0)(jnp.array([[3.0, 0.5], [4.0, 0.0]])), np.float64).round(4).tolist()
     [[0.6, 0.5], [0.8, 0.0]]
-
-    References:
-      Srivastava et al., Dropout: A Simple Way to Prevent Neural Networks from
-      Overfitting, JMLR 15, 2014.
     """
 
     schedulable = ("max_value",)
+    _config_keys = ("max_value", "axis")
 
     def __init__(self, max_value: HyperParam = 2, axis: P.AxisSpec = 0):
         check_number("max_value", max_value, low=0, owner="MaxNorm")
@@ -109,9 +97,6 @@ class MaxNorm(_NormConstraint):
     def __call__(self, w):
         c = self.at_step(0)
         return P.max_norm(w, c.max_value, c.axis, self._axis_name)
-
-    def get_config(self):
-        return {"max_value": self.max_value, "axis": _config_axis(self.axis)}
 
     def violation(self, w):
         """The largest amount by which a unit's norm exceeds `max_value`."""
@@ -146,6 +131,7 @@ class MinMaxNorm(_NormConstraint):
     """
 
     schedulable = ("min_value", "max_value", "rate")
+    _config_keys = ("min_value", "max_value", "rate", "axis")
 
     def __init__(
         self,
@@ -166,14 +152,6 @@ class MinMaxNorm(_NormConstraint):
     def __call__(self, w):
         c = self.at_step(0)
         return P.min_max_norm(w, c.min_value, c.max_value, c.rate, c.axis, self._axis_name)
-
-    def get_config(self):
-        return {
-            "min_value": self.min_value,
-            "max_value": self.max_value,
-            "rate": self.rate,
-            "axis": _config_axis(self.axis),
-        }
 
     def violation(self, w):
         """The largest distance of a unit's norm from `[min_value, max_value]`."""
@@ -202,14 +180,13 @@ class UnitNorm(_NormConstraint):
            [0.8, 0. ]], dtype=float32)
     """
 
+    _config_keys = ("axis",)
+
     def __init__(self, axis: P.AxisSpec = 0):
         self.axis = P.canonical_axis(axis)
 
     def __call__(self, w):
         return P.unit_norm(w, self.axis, self._axis_name)
-
-    def get_config(self):
-        return {"axis": _config_axis(self.axis)}
 
     def tangent(self, w, u):
         """Per unit, `u - <u, w> w / ‖w‖²` (a zero unit's update unchanged)."""
@@ -256,6 +233,7 @@ class Clip(Constraint):
     """
 
     schedulable = ("min_value", "max_value")
+    _config_keys = ("min_value", "max_value")
     elementwise = True
 
     def __init__(self, min_value: HyperParam | None = None, max_value: HyperParam | None = None):
@@ -269,9 +247,6 @@ class Clip(Constraint):
     def __call__(self, w):
         c = self.at_step(0)
         return P.clip(w, c.min_value, c.max_value)
-
-    def get_config(self):
-        return {"min_value": self.min_value, "max_value": self.max_value}
 
     def tangent(self, w, u):
         """At a bound, the update component pointing out of the box is dropped."""
@@ -289,6 +264,7 @@ class CenterAround(Constraint):
     """
 
     schedulable = ("ref_value",)
+    _config_keys = ("ref_value",)
 
     def __init__(self, ref_value: HyperParam = 0.0):
         check_number("ref_value", ref_value, owner="CenterAround")
@@ -296,9 +272,6 @@ class CenterAround(Constraint):
 
     def __call__(self, w):
         return P.center_around(w, self.at_step(0).ref_value)
-
-    def get_config(self):
-        return {"ref_value": self.ref_value}
 
     def tangent(self, w, u):
         """The sum-zero plane: `u - mean(u)` over the whole leaf."""

@@ -1,7 +1,6 @@
 """Per-unit L1 ball and simplex constraints (beyond Keras)."""
 
-# Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
-# values after `at_step`, which the types cannot say:
+# Hyper-parameters are values after `at_step`, which the types cannot say:
 # pyright: reportArgumentType=false
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 from optax_constraints import projections as P
 from optax_constraints._typing import HyperParam
 from optax_constraints.constraints._base import as_float, check_number, is_python_number
-from optax_constraints.constraints._basic import _AxisConstraint, _config_axis
+from optax_constraints.constraints._basic import _AxisConstraint
 
 
 class L1Ball(_AxisConstraint):
@@ -39,6 +38,7 @@ class L1Ball(_AxisConstraint):
     """
 
     schedulable = ("max_value",)
+    _config_keys = ("max_value", "axis")
 
     def __init__(self, max_value: HyperParam = 1.0, axis: P.AxisSpec = 0):
         check_number("max_value", max_value, low=0, owner="L1Ball")
@@ -48,9 +48,6 @@ class L1Ball(_AxisConstraint):
     def __call__(self, w):
         c = self.at_step(0)
         return P.l1_ball(w, c.max_value, c.axis)
-
-    def get_config(self):
-        return {"max_value": self.max_value, "axis": _config_axis(self.axis)}
 
     def violation(self, w):
         """The largest amount by which a unit's L1 norm exceeds `max_value`."""
@@ -86,6 +83,7 @@ class Simplex(_AxisConstraint):
     """
 
     schedulable = ("scale",)
+    _config_keys = ("scale", "axis")
 
     def __init__(self, scale: HyperParam = 1.0, axis: P.AxisSpec = 0):
         check_number("scale", scale, owner="Simplex")
@@ -97,9 +95,6 @@ class Simplex(_AxisConstraint):
     def __call__(self, w):
         c = self.at_step(0)
         return P.simplex(w, c.scale, c.axis)
-
-    def get_config(self):
-        return {"scale": self.scale, "axis": _config_axis(self.axis)}
 
     def violation(self, w):
         """The larger of the most negative entry and the worst `|sum - scale|`."""

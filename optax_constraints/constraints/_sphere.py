@@ -1,7 +1,6 @@
 """`Sphere`: every unit ON the sphere of a radius (nGPT, hyperspherical training)."""
 
-# Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
-# values after `at_step`, which the types cannot say:
+# Hyper-parameters are values after `at_step`, which the types cannot say:
 # pyright: reportArgumentType=false
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import jax
 from optax_constraints import projections as P
 from optax_constraints._typing import HyperParam
 from optax_constraints.constraints._base import check_number, is_python_number
-from optax_constraints.constraints._basic import _config_axis, _NormConstraint
+from optax_constraints.constraints._basic import _NormConstraint
 
 
 class MissingStateError(ValueError):
@@ -52,6 +51,7 @@ class Sphere(_NormConstraint):
     """
 
     schedulable = ("radius",)
+    _config_keys = ("radius", "axis")
 
     def __init__(self, radius: HyperParam | Literal["init"] = 1.0, axis: P.AxisSpec = 0):
         if isinstance(radius, str):
@@ -83,9 +83,6 @@ class Sphere(_NormConstraint):
         self._check_stateless()
         c = self.at_step(0)
         return P.sphere(w, c.radius, c.axis, self._axis_name)
-
-    def get_config(self):
-        return {"radius": self.radius, "axis": _config_axis(self.axis)}
 
     def init_state(self, w):
         """The per-unit norms of `w` for `radius="init"` (else `None`)."""

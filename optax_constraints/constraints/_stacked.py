@@ -16,17 +16,6 @@ from optax_constraints.projections._axis import canonical_axis, in_range
 from optax_constraints.projections._sharding import explicit_mesh_axes, padded_spec
 
 
-def _wrapped(owner: str, constraint) -> Constraint:
-    """A `Constraint` from anything `oc.get` accepts; plain callables are wrapped."""
-    obj = as_constraint(constraint)
-    if obj is None:
-        raise TypeError(
-            f"{owner} needs the constraint to apply, e.g. {owner}(oc.MaxNorm(2.0,"
-            " axis='fan_in')); got None."
-        )
-    return obj
-
-
 class _View(Constraint):
     """A constraint applied to each leaf through a view of it (`Stacked`, `OutputFirst`).
 
@@ -37,6 +26,16 @@ class _View(Constraint):
     """
 
     constraint: Constraint
+
+    def __init__(self, constraint):
+        obj = as_constraint(constraint)
+        if obj is None:
+            owner = type(self).__name__
+            raise TypeError(
+                f"{owner} needs the constraint to apply, e.g. {owner}(oc.MaxNorm(2.0,"
+                " axis='fan_in')); got None."
+            )
+        self.constraint = obj
 
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         raise NotImplementedError
@@ -92,15 +91,12 @@ class _View(Constraint):
 class Stacked(_View):
     """Applies a constraint to every copy of a stacked leaf on its own.
 
-    `stack_axis` names the leaf's axes that index independent copies: the
-    layers of an `nn.scan`/`nnx.scan`/`nnx.vmap` stack, the members of a
-    vmapped ensemble. `constraint` sees one copy, so its `axis` (`"fan_in"`
-    too) and the `(fan_in, out)` matrix view of `SpectralNorm`/`Orthogonal`
-    refer to the copy's axes, and a stateful one keeps one state per copy
-    (stacked along leading axes, in the leaf's axis order). Without
-    `Stacked`, a `(layers, in, out)` kernel is ONE array to a constraint
-    (docs/stacked.md). `init` rejects a leaf without the stack axes, or whose
-    copies the wrapped constraint rejects, naming the leaf.
+    The copies are the layers of an `nn.scan`/`nnx.scan`/`nnx.vmap` stack or
+    the members of a vmapped ensemble; without `Stacked`, a `(layers, in,
+    out)` kernel is ONE array to a constraint. `constraint` sees one copy:
+    its `axis` and matrix view refer to the copy's axes, and a stateful one
+    keeps one state per copy (stacked along leading axes, in the leaf's axis
+    order).
 
     Args:
       constraint: the constraint for one copy: any `oc.Constraint` (custom
@@ -115,12 +111,10 @@ class Stacked(_View):
     >>> kernels = jnp.stack([3.0 * jnp.ones((4, 2)), 0.1 * jnp.ones((4, 2))])  # 2 layers
     >>> np.asarray(jnp.linalg.norm(c(kernels), axis=1), np.float64).round(4).tolist()
     [[1.0, 1.0], [0.2, 0.2]]
-    >>> c.describe_leaf((2, 4, 2))
-    '2 x 2 units of 4'
     """
 
     def __init__(self, constraint, stack_axis: int | Sequence[int] = 0):
-        self.constraint = _wrapped("Stacked", constraint)
+        super().__init__(constraint)
         try:
             axis = canonical_axis(stack_axis)
         except ValueError:
@@ -134,12 +128,7 @@ class Stacked(_View):
         self.stack_axis = axis
 
     def stack_axes(self, ndim: int) -> tuple[int, ...]:
-        """The stack axes of an `ndim`-d leaf, non-negative and sorted.
-
-        >>> import optax_constraints as oc
-        >>> oc.Stacked(oc.NonNeg(), stack_axis=(-1, 0)).stack_axes(3)
-        (0, 2)
-        """
+        """The stack axes of an `ndim`-d leaf, non-negative and sorted."""
         return in_range(self.stack_axis, ndim, "stack_axis")
 
     def _copy_axes(self, ndim: int) -> tuple[int, ...]:
@@ -225,11 +214,8 @@ class Stacked(_View):
 def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
     """`mapped` run with the `Explicit` mesh axes that shard the leaf made `Auto`.
 
-    Under `jax.vmap` over an `Explicit`-sharded axis, JAX 0.10 fails to trace
-    loops whose carry starts unbatched (power method, Newton-Schulz, simplex
-    threshold, custom loops) and batched `lax.cond`s. With those axes `Auto`
-    inside, each copy stays on its devices and the outputs get their
-    shardings back: the leaf's for leaf outputs, the stack axes' for states.
+    `jax.vmap` over `Explicit` axes fails to trace loops and batched `lax.cond`s
+    (docs/multihost.md); with them `Auto` inside, each copy stays on its devices.
     """
 
     def run(*args) -> Any:
@@ -256,14 +242,11 @@ def _moved_shape(shape):
 
 
 class OutputFirst(_View):
-    """For weights whose output axis comes first: `(out, *fan_in)`.
+    """For weights whose output axis comes first: `(out, *fan_in)` (Equinox, PyTorch).
 
-    Equinox's `nn.Linear.weight` is `(out, in)` and its `nn.Conv` weights
-    `(out, in/groups, *kernel)`, as in PyTorch. `OutputFirst(c)` shows `c`
-    the leaf with axis 0 moved last, the Flax/Keras `(*fan_in, out)` layout,
-    so `axis="fan_in"`, integer axes and the `(fan_in, out)` matrix view of
-    `SpectralNorm`/`Orthogonal` mean "per output unit" (docs/equinox.md). For
-    a vmapped Equinox layer, use `Stacked(OutputFirst(c))`.
+    `OutputFirst(c)` shows `c` the leaf with axis 0 moved last, the Flax/Keras
+    `(*fan_in, out)` layout, so `axis="fan_in"`, integer axes and the matrix
+    view mean "per output unit". For vmapped layers, `Stacked(OutputFirst(c))`.
 
     Args:
       constraint: the constraint for the `(*fan_in, out)` view: any
@@ -277,9 +260,6 @@ class OutputFirst(_View):
     >>> np.asarray(jnp.linalg.norm(c(weight), axis=1), np.float64).round(4).tolist()  # per output
     [1.0, 0.5]
     """
-
-    def __init__(self, constraint):
-        self.constraint = _wrapped("OutputFirst", constraint)
 
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         return self.on_leaf_axes(tuple(range(ndim)), ndim)
