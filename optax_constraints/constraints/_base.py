@@ -109,33 +109,19 @@ class Constraint:
         return (target - param_c).astype(update.dtype), state
 
     def tangent(self, w: jax.Array, u: jax.Array) -> jax.Array:
-        """The update `u` projected onto the tangent space (or cone) of the set at `w`.
-
-        >>> import jax.numpy as jnp
-        >>> import optax_constraints as oc
-        >>> oc.UnitNorm().tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
-        Array([[0.],
-               [3.]], dtype=float32)
-        """
+        """The update `u` projected onto the tangent space (or cone) of the set at `w`."""
         raise NotImplementedError(f"{self!r} defines no tangent space (Constraint.tangent)")
 
     def on_leaf_axes(self, axes: tuple[int, ...], ndim: int) -> Constraint | None:
-        """This constraint on each sub-array over `axes` of an `ndim`-d leaf, as one constraint.
-
-        The leaf's other axes index copies; `None` when there is no such
-        stateless form (`Stacked` and `OutputFirst` then map or move the axes).
-
-        >>> import optax_constraints as oc
-        >>> oc.MaxNorm(1.0, axis="fan_in").on_leaf_axes((1, 2), 3)  # copies along axis 0
-        MaxNorm(max_value=1.0, axis=[1])
-        """
+        """This constraint on each sub-array over `axes` of an `ndim`-d leaf (the other
+        axes index copies), as one stateless constraint on the leaf, or `None`."""
         return self if self.elementwise else None
 
     def on_shards(self, spec: tuple[tuple[str, ...], ...]) -> Constraint | None:
-        """This constraint on the local block of a leaf inside `jax.shard_map`.
+        """This constraint on the local block of a leaf inside `jax.shard_map`, or `None`.
 
-        `spec` gives, per axis of the leaf, the mesh axes that split it. `None`
-        makes `project` gather the leaf, project it whole and keep the local block.
+        `spec` gives, per axis of the leaf, the mesh axes that split it; with
+        `None`, `project` gathers the leaf and keeps its block of the result.
         """
         return self if self.elementwise else None
 
@@ -181,10 +167,7 @@ class Constraint:
 
 
 class FunctionConstraint(Constraint):
-    """Wraps any callable `w -> w` so it can be routed like a `Constraint`.
-
-    `project` does this for you when a plain function appears in its
-    `constraints` mapping.
+    """Wraps a callable `w -> w` as a `Constraint` (`project` does it for plain functions).
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc

@@ -47,8 +47,7 @@ class _AxisConstraint(Constraint):
 
 
 class _NormConstraint(_AxisConstraint):
-    """Rescales each unit by a function of its norm; inside `jax.shard_map` the
-    per-unit sums are `psum`med over the mesh axes that split a unit (`_axis_name`)."""
+    """Rescales each unit by a function of its norm (sums `psum`med over `_axis_name`)."""
 
     _axis_name: tuple[str, ...] | None = None
 
@@ -69,11 +68,10 @@ class _NormConstraint(_AxisConstraint):
 
 
 class MaxNorm(_NormConstraint):
-    """Caps the norm of the weights incident to each unit at `max_value`.
+    """Caps the norm of each unit at `max_value`: Keras's `MaxNorm`.
 
-    Keras's `MaxNorm`: `w * clip(norms, 0, max_value) / (1e-7 + norms)`, the
-    norm taken over `axis` (for a Dense kernel `(in, out)`, `axis=0` means one
-    norm per output unit; `axis="fan_in"` means the same for Dense and Conv).
+    `w * clip(norms, 0, max_value) / (1e-7 + norms)`, the norms taken over
+    `axis` (`axis="fan_in"`: per output unit of a Dense or Conv kernel).
 
     Args:
       max_value: largest norm per unit (>= 0; number, array or schedule).
@@ -110,11 +108,9 @@ class MaxNorm(_NormConstraint):
 
 
 class MinMaxNorm(_NormConstraint):
-    """Keeps the norm of each unit in `[min_value, max_value]`.
+    """Keeps the norm of each unit in `[min_value, max_value]`: Keras's `MinMaxNorm`.
 
-    Keras's `MinMaxNorm`: the norm moves to
-    `rate * clip(norm, min_value, max_value) + (1 - rate) * norm`; `rate=1`
-    enforces the interval at once, smaller rates approach it gradually.
+    The norm moves to `rate * clip(norm, min_value, max_value) + (1 - rate) * norm`.
 
     Args:
       min_value: smallest norm per unit (>= 0).
@@ -169,9 +165,7 @@ class MinMaxNorm(_NormConstraint):
 
 
 class UnitNorm(_NormConstraint):
-    """Scales the weights incident to each unit to unit norm.
-
-    Keras's `UnitNorm`: `w / (1e-7 + norms)`. All-zero units stay zero.
+    """Scales each unit to unit norm: Keras's `UnitNorm`, `w / (1e-7 + norms)`.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -194,10 +188,9 @@ class UnitNorm(_NormConstraint):
 
 
 class NonNeg(Constraint):
-    """Constrains the weights to be non-negative: `maximum(w, 0)`.
+    """Constrains the weights to be non-negative: `maximum(w, 0)`, Keras's `NonNeg`.
 
-    In `project`, the update is written as `where(p + u <= 0, -p, u)`, so after
-    `optax.apply_updates` no element is below zero, exactly, in every dtype.
+    After `project`'s update and `optax.apply_updates` no element is below zero.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc

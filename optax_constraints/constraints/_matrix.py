@@ -49,21 +49,12 @@ class _MatrixConstraint(Constraint):
 class SpectralNorm(_MatrixConstraint):
     """Caps the largest singular value (the spectral norm) of a kernel.
 
-    The kernel is viewed as the `(fan_in, out)` matrix :math:`W` the layer
-    multiplies by; the constraint keeps :math:`\\sigma_{\\max}(W) \\le m`, so
-    the layer is :math:`m`-Lipschitz (for a Conv kernel: the matrix of one patch).
-
-    * `method="power"` (default; spectral normalization):
-      :math:`W \\min(1, m/\\hat\\sigma)` with :math:`\\hat\\sigma` from power
-      iteration, whose vector is kept in `project`'s state. Each step runs
-      `num_iters` to `max_iters` iterations, until the estimate settles.
-      :math:`\\hat\\sigma \\le \\sigma_{\\max}`, so the result can exceed the
-      bound by the estimate's error: an estimate, not a certificate.
-    * `method="svd"`: the exact Euclidean projection
-      :math:`U \\min(\\Sigma, m) V^\\top`; stateless, one SVD per step.
-
-    Called directly (`constraint(w)`, `oc.apply_constraints`), the power
-    method uses the exact :math:`\\sigma_{\\max}` (from an SVD) instead.
+    Keeps :math:`\\sigma_{\\max}(W) \\le m` for the `(fan_in, out)` matrix view
+    :math:`W`. `method="power"` (spectral normalization) rescales to
+    :math:`W \\min(1, m/\\hat\\sigma)` with :math:`\\hat\\sigma` from power
+    iteration, whose vector is kept in `project`'s state (an estimate, not a
+    certificate; direct calls use the exact :math:`\\sigma_{\\max}`).
+    `method="svd"` is the exact projection :math:`U \\min(\\Sigma, m) V^\\top`.
 
     Args:
       max_value: the bound :math:`m \\ge 0` (number, array or schedule).
@@ -80,10 +71,6 @@ class SpectralNorm(_MatrixConstraint):
     [[1.0, 0.0], [0.0, 0.1666666716337204]]
     >>> np.asarray(oc.SpectralNorm(1.0, method="svd")(w)).tolist()  # clips sigma
     [[1.0, 0.0], [0.0, 0.5]]
-
-    References:
-      Miyato, Kataoka, Koyama & Yoshida, Spectral Normalization for Generative
-      Adversarial Networks, ICLR 2018.
     """
 
     schedulable = ("max_value",)
@@ -149,13 +136,10 @@ class SpectralNorm(_MatrixConstraint):
 class Orthogonal(_MatrixConstraint):
     """Keeps a kernel semi-orthogonal: orthonormal columns (or rows).
 
-    The `(fan_in, out)` matrix view :math:`W = U \\Sigma V^\\top` is replaced
-    by its polar factor :math:`U V^\\top`, the nearest matrix with
-    :math:`W^\\top W = I` (or :math:`W W^\\top = I` when `fan_in < out`).
-    `method="svd"` is exact; `method="newton_schulz"` runs at most
-    `num_iters` Newton–Schulz iterations (matrix products only; `project`
-    stops once converged). For a rank-deficient kernel the nearest point is
-    not unique (`"newton_schulz"` then gives a partial isometry: zero stays zero).
+    The `(fan_in, out)` matrix view :math:`W = U \\Sigma V^\\top` becomes its
+    polar factor :math:`U V^\\top`, the nearest matrix with :math:`W^\\top W =
+    I` (:math:`W W^\\top = I` when `fan_in < out`): exactly (`"svd"`) or by at
+    most `num_iters` Newton–Schulz iterations (`"newton_schulz"`).
 
     Args:
       method: `"svd"` or `"newton_schulz"`.
@@ -167,10 +151,6 @@ class Orthogonal(_MatrixConstraint):
     >>> w = oc.Orthogonal()(jnp.array([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
     >>> bool(np.allclose(w.T @ w, np.eye(2), atol=1e-5))
     True
-
-    References:
-      Higham, Computing the polar decomposition -- with applications, SIAM J.
-      Sci. Stat. Comput. 7(4), 1986.
     """
 
     methods = ("svd", "newton_schulz")

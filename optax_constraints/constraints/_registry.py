@@ -1,5 +1,4 @@
-"""Names -> constraint classes: `get`, `serialize`, `deserialize`, `register`, in
-Keras's dict format (configs move both ways between Keras and this package)."""
+"""The registry: `get`, `serialize`, `deserialize`, `register`, in Keras's dict format."""
 
 from __future__ import annotations
 
@@ -41,8 +40,6 @@ def register(package: str = "Custom", name: str | None = None) -> Callable[[_C],
     ...         return w / 2
     >>> oc.serialize(Halve())["registered_name"]
     'docs>Halve'
-    >>> type(oc.deserialize(oc.serialize(Halve()))).__name__
-    'Halve'
     """
 
     def decorator(cls: _C) -> _C:

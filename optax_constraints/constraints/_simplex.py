@@ -14,27 +14,21 @@ from optax_constraints.constraints._basic import _AxisConstraint
 
 
 class L1Ball(_AxisConstraint):
-    """Caps the L1 norm of the weights incident to each unit at `max_value`.
+    """Caps the L1 norm of each unit at `max_value` (sparsifying).
 
     The Euclidean projection onto :math:`\\{w : \\|w\\|_1 \\le m\\}` per unit:
     soft-thresholding :math:`\\operatorname{sign}(w)\\max(|w| - \\theta, 0)`
     with the smallest :math:`\\theta \\ge 0` that makes the unit feasible.
-    Units already inside are left exactly as they are; the others become sparse.
 
     Args:
       max_value: the radius :math:`m \\ge 0` (number, array or schedule).
-      axis: axes of one unit: int, tuple/list of ints, negative ints, `None`
-        (the whole array) or `"fan_in"` (every axis but the last).
+      axis: axes of one unit, as for `MaxNorm`.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
     >>> oc.L1Ball(max_value=1.0)(jnp.array([[3.0, 0.2], [1.0, -0.3]]))
     Array([[ 1. ,  0.2],
            [ 0. , -0.3]], dtype=float32)
-
-    References:
-      Duchi, Shalev-Shwartz, Singer & Chandra, Efficient Projections onto the
-      l1-Ball for Learning in High Dimensions, ICML 2008.
     """
 
     schedulable = ("max_value",)
@@ -62,24 +56,17 @@ class Simplex(_AxisConstraint):
 
     The Euclidean projection onto :math:`\\{w : w \\ge 0, \\sum_i w_i = s\\}`
     per unit: :math:`\\max(w - \\theta, 0)` with the threshold
-    :math:`\\theta` that makes the unit sum to :math:`s`. An all-zero unit
-    becomes uniform.
+    :math:`\\theta` that makes the unit sum to :math:`s` (a zero unit becomes uniform).
 
     Args:
       scale: the sum :math:`s > 0` of each unit (number, array or schedule).
-      axis: axes of one unit: int, tuple/list of ints, negative ints, `None`
-        or `"fan_in"`.
+      axis: axes of one unit, as for `MaxNorm`.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
     >>> oc.Simplex()(jnp.array([[0.5, 0.0], [2.0, 0.0]]))
     Array([[0. , 0.5],
            [1. , 0.5]], dtype=float32)
-
-    References:
-      Held, Wolfe & Crowder, Validation of subgradient optimization, Math.
-      Programming 6, 1974. Duchi et al., Efficient Projections onto the
-      l1-Ball for Learning in High Dimensions, ICML 2008.
     """
 
     schedulable = ("scale",)

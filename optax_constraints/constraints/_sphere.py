@@ -22,32 +22,22 @@ class MissingStateError(ValueError):
 class Sphere(_NormConstraint):
     """Projects each unit onto the sphere `‖w‖ = radius`: `w * radius / ‖w‖`.
 
-    The exact Euclidean projection, per unit over `axis`; unlike `UnitNorm`
-    (Keras's `w / (1e-7 + ‖w‖)`), the result is on the sphere to rounding.
-    An all-zero unit has no nearest point on the sphere (all points are
-    equally near): it stays zero, with a zero gradient.
-
-    `radius="init"`: each unit keeps the norm it had when `project`'s `init`
-    saw it (hyperball training). Those norms are `project`'s state for the
-    leaf (one set per copy under `oc.Stacked`); called directly, or by
-    `oc.apply_constraints` / `oc.constraint_violations` without `state=`, it
-    raises `MissingStateError` (a `ValueError`). See docs/manifolds.md.
+    The exact Euclidean projection per unit (unlike `UnitNorm`'s `1e-7`). An
+    all-zero unit has no nearest point (all are equally near): it stays zero.
+    With `radius="init"` each unit keeps the norm it had at `project`'s
+    `init`, stored in its state; without that state (a direct call,
+    `apply_constraints` without `state=`) it raises `MissingStateError`.
 
     Args:
-      radius: the norm of every unit: a number (> 0), an array that
-        broadcasts against the per-unit norms, a schedule, or `"init"`.
-      axis: axes of one unit: int, tuple/list of ints, negative ints, `None`
-        or `"fan_in"`.
+      radius: a number (> 0), an array that broadcasts against the per-unit
+        norms, a schedule, or `"init"`.
+      axis: axes of one unit, as for `MaxNorm`.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
     >>> oc.Sphere(radius=2.0)(jnp.array([[3.0, 0.0], [4.0, 0.0]]))
     Array([[1.2, 0. ],
            [1.6, 0. ]], dtype=float32)
-
-    References:
-      Loshchilov, Hsieh, Sun & Ginsburg, nGPT: Normalized Transformer with
-      Representation Learning on the Hypersphere, ICLR 2025.
     """
 
     schedulable = ("radius",)

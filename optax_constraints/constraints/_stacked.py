@@ -1,5 +1,4 @@
-"""Layout wrappers: `Stacked` (one constraint per copy of a stacked leaf) and
-`OutputFirst` (a constraint on an `(out, *fan_in)` weight)."""
+"""Layout wrappers: `Stacked` (one constraint per copy) and `OutputFirst` (`(out, *fan_in)`)."""
 
 from __future__ import annotations
 
@@ -19,10 +18,10 @@ from optax_constraints.projections._sharding import explicit_mesh_axes, padded_s
 class _View(Constraint):
     """A constraint applied to each leaf through a view of it (`Stacked`, `OutputFirst`).
 
-    Subclasses give `_on_whole_leaf(ndim)`, the equivalent stateless constraint
-    on the leaf's own axes (or `None`), and `_through(fn, ndim, in_kinds,
-    out_kinds)`, `fn` run through the view: "leaf" arguments and results are
-    views of the leaf, "copy" ones (states, violations) belong to the view.
+    Subclasses give `_on_whole_leaf(ndim)`, the same constraint on the leaf's
+    own axes (or `None`), and `_through(fn, ndim, in_kinds, out_kinds)`: `fn`
+    (returning a tuple) run through the view, its "leaf" arguments and results
+    views of the leaf, its "copy" ones (states, violations) the view's own.
     """
 
     constraint: Constraint
@@ -40,8 +39,17 @@ class _View(Constraint):
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         raise NotImplementedError
 
-    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
         raise NotImplementedError
+
+    def _check_view(self, shape, dtype, where: str):
+        """`constraint.check_leaf` on the view's `shape`, its reason prefixed by `where`."""
+        try:
+            self.constraint.check_leaf(shape, dtype)
+        except ValueError as err:
+            raise ValueError(
+                f"{where} {shape}, and {self.constraint!r} rejects it: {str(err).rstrip('.')}"
+            ) from None
 
     def _run(self, name, args, in_kinds, out_kinds, *extra):
         """`constraint.<name>(*args, *extra)` on the whole leaf if it can be (and
@@ -53,16 +61,21 @@ class _View(Constraint):
             return getattr(whole, name)(*args, *extra)
 
         def one(*args):
-            return getattr(self.constraint, name)(*args, *extra)
+            out = getattr(self.constraint, name)(*args, *extra)
+            return (out,) if len(out_kinds) == 1 else out
 
-        return self._through(one, ndim, in_kinds, out_kinds)(*args)
+        out = self._through(one, ndim, in_kinds, out_kinds)(*args)
+        return out[0] if len(out_kinds) == 1 else out
 
     def __call__(self, w):
-        return self._run("__call__", (w,), ("leaf",), "leaf")
+        return self._run("__call__", (w,), ("leaf",), ("leaf",))
 
     def init_state(self, w):
+        def one(w):
+            return (self.constraint.init_state(w),)
+
         w = jnp.asarray(w)
-        return self._through(self.constraint.init_state, w.ndim, ("leaf",), "copy")(w)
+        return self._through(one, w.ndim, ("leaf",), ("copy",))(w)[0]
 
     def apply(self, w, state, step):
         return self._run("apply", (w, state), ("leaf", "copy"), ("leaf", "copy"), step)
@@ -74,10 +87,10 @@ class _View(Constraint):
         return self._run("project_update", (param, update, state), kinds, ("leaf", "copy"), step)
 
     def tangent(self, w, u):
-        return self._run("tangent", (w, u), ("leaf", "leaf"), "leaf")
+        return self._run("tangent", (w, u), ("leaf", "leaf"), ("leaf",))
 
     def violation(self, w):
-        return jnp.max(self._run("violation", (w,), ("leaf",), "copy"), initial=0.0)
+        return jnp.max(self._run("violation", (w,), ("leaf",), ("copy",)), initial=0.0)
 
     @property
     def elementwise(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
@@ -91,12 +104,10 @@ class _View(Constraint):
 class Stacked(_View):
     """Applies a constraint to every copy of a stacked leaf on its own.
 
-    The copies are the layers of an `nn.scan`/`nnx.scan`/`nnx.vmap` stack or
-    the members of a vmapped ensemble; without `Stacked`, a `(layers, in,
-    out)` kernel is ONE array to a constraint. `constraint` sees one copy:
-    its `axis` and matrix view refer to the copy's axes, and a stateful one
-    keeps one state per copy (stacked along leading axes, in the leaf's axis
-    order).
+    The copies are the layers of an `nn.scan`/`nnx.vmap` stack or the members
+    of a vmapped ensemble. `constraint` sees one copy: its `axis` and matrix
+    view refer to the copy's axes, and a stateful one keeps one state per
+    copy (stacked along leading axes, in the leaf's axis order).
 
     Args:
       constraint: the constraint for one copy: any `oc.Constraint` (custom
@@ -138,7 +149,7 @@ class Stacked(_View):
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         return self.constraint.on_leaf_axes(self._copy_axes(ndim), ndim)
 
-    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
         """`fn` mapped over the copies: "leaf" arguments carry the stack axes
         where the leaf has them, "copy" ones (states) along leading axes."""
         stacked = self.stack_axes(ndim)
@@ -146,13 +157,9 @@ class Stacked(_View):
         # i-th map sees i fewer axes, all of them before its own.
         for i in reversed(range(len(stacked))):
             at = stacked[i] - i
-
-            def spec(kinds, at=at):
-                if isinstance(kinds, str):
-                    return at if kinds == "leaf" else 0
-                return tuple(at if k == "leaf" else 0 for k in kinds)
-
-            fn = jax.vmap(fn, in_axes=spec(in_kinds), out_axes=spec(out_kinds))
+            in_axes = tuple(at if k == "leaf" else 0 for k in in_kinds)
+            out_axes = tuple(at if k == "leaf" else 0 for k in out_kinds)
+            fn = jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
         return _off_explicit_stack_axes(fn, stacked, in_kinds, out_kinds)
 
     def check_leaf(self, shape, dtype):
@@ -165,13 +172,7 @@ class Stacked(_View):
                 " label, or give stack_axis the axis that indexes the layers"
             ) from None
         copy = tuple(n for a, n in enumerate(shape) if a not in stacked)
-        try:
-            self.constraint.check_leaf(copy, dtype)
-        except ValueError as err:
-            raise ValueError(
-                f"each copy along stack_axis={self.stack_axis!r} has shape {copy}, and"
-                f" {self.constraint!r} rejects it: {str(err).rstrip('.')}"
-            ) from None
+        self._check_view(copy, dtype, f"each copy along stack_axis={self.stack_axis!r} has shape")
 
     def on_shards(self, spec):
         local = super().on_shards(spec)
@@ -227,10 +228,7 @@ def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
         spec = padded_spec(sharding, leaf.ndim)
         per_copy = NamedSharding(sharding.mesh, PartitionSpec(*(spec[a] for a in stacked)))
 
-        def out(kind):
-            return sharding if kind == "leaf" else per_copy
-
-        outs = out(out_kinds) if isinstance(out_kinds, str) else tuple(map(out, out_kinds))
+        outs = tuple(sharding if k == "leaf" else per_copy for k in out_kinds)
         return jax.sharding.auto_axes(mapped, axes=axes, out_sharding=outs)(*args)
 
     return run
@@ -264,15 +262,12 @@ class OutputFirst(_View):
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         return self.on_leaf_axes(tuple(range(ndim)), ndim)
 
-    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
         """`fn` on the leaf with its output axis moved last; "leaf" results moved back."""
 
         def run(*args):
-            out = fn(
-                *(jnp.moveaxis(a, 0, -1) if k == "leaf" else a for a, k in zip(args, in_kinds))
-            )
-            if isinstance(out_kinds, str):
-                return jnp.moveaxis(out, -1, 0) if out_kinds == "leaf" else out
+            moved = (jnp.moveaxis(a, 0, -1) if k == "leaf" else a for a, k in zip(args, in_kinds))
+            out = fn(*moved)
             return tuple(
                 jnp.moveaxis(o, -1, 0) if k == "leaf" else o for o, k in zip(out, out_kinds)
             )
@@ -285,14 +280,9 @@ class OutputFirst(_View):
                 "OutputFirst needs a leaf with an output axis (axis 0); this one is a"
                 " scalar. Route scalars to another label"
             )
-        try:
-            self.constraint.check_leaf(_moved_shape(shape), dtype)
-        except ValueError as err:
-            raise ValueError(
-                f"with its output axis moved last the leaf has shape"
-                f" {_moved_shape(shape)}, and {self.constraint!r} rejects it:"
-                f" {str(err).rstrip('.')}"
-            ) from None
+        self._check_view(
+            _moved_shape(shape), dtype, "with its output axis moved last the leaf has shape"
+        )
 
     def at_step(self, step):
         inner = self.constraint.at_step(step)
