@@ -188,9 +188,7 @@ def get(identifier):
     >>> oc.get("max_norm")
     MaxNorm(max_value=2, axis=0)
     """
-    if identifier is None:
-        return None
-    if isinstance(identifier, Constraint):
+    if identifier is None or isinstance(identifier, Constraint):
         return identifier
     if isinstance(identifier, (dict, str)):
         return deserialize(identifier)

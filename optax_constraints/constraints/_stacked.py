@@ -16,13 +16,7 @@ from optax_constraints.projections._sharding import explicit_mesh_axes, padded_s
 
 
 class _View(Constraint):
-    """A constraint applied to each leaf through a view of it (`Stacked`, `OutputFirst`).
-
-    Subclasses give `_on_whole_leaf(ndim)`, the same constraint on the leaf's
-    own axes (or `None`), and `_through(fn, ndim, in_kinds, out_kinds)`: `fn`
-    (returning a tuple) run through the view, its "leaf" arguments and results
-    views of the leaf, its "copy" ones (states, violations) the view's own.
-    """
+    """A constraint applied to each leaf through a view of it (`Stacked`, `OutputFirst`)."""
 
     constraint: Constraint
 
@@ -37,9 +31,12 @@ class _View(Constraint):
         self.constraint = obj
 
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
+        """The same constraint written on the leaf's own axes, or `None`."""
         raise NotImplementedError
 
     def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
+        """`fn` (returning a tuple) through the view: "leaf" arguments and results
+        are views of the leaf, "copy" ones (states, violations) the view's own."""
         raise NotImplementedError
 
     def _check_view(self, shape, dtype, where: str):
@@ -52,8 +49,7 @@ class _View(Constraint):
             ) from None
 
     def _run(self, name, args, in_kinds, out_kinds, *extra):
-        """`constraint.<name>(*args, *extra)` on the whole leaf if it can be (and
-        the state is `None`), else through the view."""
+        """`constraint.<name>(*args, *extra)`, on the whole leaf if it can be (no state)."""
         args = tuple(jnp.asarray(a) if k == "leaf" else a for a, k in zip(args, in_kinds))
         ndim = args[0].ndim
         whole = self._on_whole_leaf(ndim)
@@ -150,8 +146,7 @@ class Stacked(_View):
         return self.constraint.on_leaf_axes(self._copy_axes(ndim), ndim)
 
     def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
-        """`fn` mapped over the copies: "leaf" arguments carry the stack axes
-        where the leaf has them, "copy" ones (states) along leading axes."""
+        """`fn` mapped over the copies ("copy" arguments and results along leading axes)."""
         stacked = self.stack_axes(ndim)
         # The outermost map takes the first stack axis of the whole leaf; the
         # i-th map sees i fewer axes, all of them before its own.
@@ -213,11 +208,7 @@ class Stacked(_View):
 
 
 def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
-    """`mapped` run with the `Explicit` mesh axes that shard the leaf made `Auto`.
-
-    `jax.vmap` over `Explicit` axes fails to trace loops and batched `lax.cond`s
-    (docs/multihost.md); with them `Auto` inside, each copy stays on its devices.
-    """
+    """`mapped` with the leaf's `Explicit` mesh axes made `Auto` (vmapped loops need it)."""
 
     def run(*args) -> Any:
         leaf = args[in_kinds.index("leaf")]
