@@ -1,8 +1,4 @@
-"""Constraint objects: hyper-parameters bound to a projection, Keras-style.
-
-Each class validates its hyper-parameters at construction, round-trips
-through `get_config`/`from_config` and the registry, and is hashable.
-"""
+"""Constraint objects: hyper-parameters bound to a projection, Keras-style."""
 
 from optax_constraints.constraints._base import Constraint as Constraint
 from optax_constraints.constraints._base import FunctionConstraint as FunctionConstraint
@@ -30,21 +26,8 @@ from optax_constraints.constraints._sphere import Sphere as Sphere
 from optax_constraints.constraints._stacked import OutputFirst as OutputFirst
 from optax_constraints.constraints._stacked import Stacked as Stacked
 
-for _cls in (
-    Constraint,
-    MaxNorm,
-    MinMaxNorm,
-    NonNeg,
-    UnitNorm,
-    Clip,
-    CenterAround,
-    L1Ball,
-    Simplex,
-    Sphere,
-    SpectralNorm,
-    Orthogonal,
-    Stacked,
-    OutputFirst,
-):
-    _add_builtin(_cls)
+# Every constraint class exported here (but the function wrapper) is a built-in name.
+for _cls in [v for v in dict(globals()).values() if isinstance(v, type)]:
+    if issubclass(_cls, Constraint) and _cls is not FunctionConstraint:
+        _add_builtin(_cls)
 del _cls

@@ -1,25 +1,4 @@
-"""The `Constraint` base class: Keras's surface plus what `project` needs.
-
-Keras's whole contract is `__call__(w) -> w`, `get_config()` and
-`from_config(config)`; a subclass that overrides only `__call__` works
-everywhere here. Three optional hooks let richer constraints plug into the
-Optax transform without changing that contract:
-
-* `check_leaf(shape, dtype)` rejects a leaf the constraint cannot handle, at
-  `init` time (the transform adds the leaf's path to the message);
-* `init_state(w)` / `apply(w, state, step)` carry per-leaf state across steps
-  (stateless constraints return `None` and cost nothing);
-* numeric hyper-parameters listed in `schedulable` may be Optax schedules
-  (callables of the step count), resolved by `at_step(step)`.
-
-Three more describe a constraint to wrappers such as `Stacked`, to
-`jax.shard_map` and to the routing report: the class attribute `elementwise`,
-`on_leaf_axes(axes, ndim)` (the same constraint on another layout, if it can
-be written as one), `on_shards(spec)` (the same constraint on a local block
-inside `shard_map`, if it has one) and `describe_leaf(shape)`. One more,
-`tangent(w, u)`, moves an update into the set's tangent space for
-`oc.tangent` (not defined by default).
-"""
+"""The `Constraint` base class: Keras's surface plus the optional hooks `project` calls."""
 
 from __future__ import annotations
 
@@ -45,6 +24,12 @@ def is_schedule(value) -> bool:
     return callable(value) and not isinstance(value, jax.Array)
 
 
+def as_float(w) -> jax.Array:
+    """`w` as an array in its compute dtype (float32 for bfloat16/float16)."""
+    w = jnp.asarray(w)
+    return w.astype(compute_dtype(w.dtype))
+
+
 def _hashable(value):
     if isinstance(value, list | tuple):
         return tuple(_hashable(v) for v in value)
@@ -60,16 +45,13 @@ def _hashable(value):
 
 
 class Constraint:
-    """Base class for weight constraints: a projection `w -> w'`.
+    """Base class for weight constraints: a projection `w -> w'` (the base is the identity).
 
     Subclass it and override `__call__` (and `get_config` if the constructor
-    takes arguments), exactly as with `keras.constraints.Constraint`. The base
-    class itself is the identity.
-
-    Instances are hashable and compare equal when their class and config are
-    equal, so they can be static arguments to `jax.jit`.
-
-    Example (the custom constraint from the Keras guide):
+    takes arguments), exactly as with `keras.constraints.Constraint`. Instances
+    are hashable and equal when their class and config are, so they can be
+    static arguments to `jax.jit`. The other methods are optional hooks that
+    `project`, `tangent`, `Stacked`, `shard_map` support and `routing_report` call.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -80,40 +62,38 @@ class Constraint:
     ...         return w - jnp.mean(w) + self.ref_value
     ...     def get_config(self):
     ...         return {"ref_value": self.ref_value}
-    >>> CenterAround(1.0)(jnp.array([0.0, 2.0]))
+    >>> CenterAround.from_config({"ref_value": 1.0})(jnp.array([0.0, 2.0]))
     Array([0., 2.], dtype=float32)
-    >>> CenterAround.from_config({"ref_value": 1.0})
-    CenterAround(ref_value=1.0)
     """
 
     #: Names of constructor arguments that may be Optax schedules.
     schedulable: tuple[str, ...] = ()
+    #: The attributes the base `get_config` writes (tuples as lists, as in Keras).
+    _config_keys: ClassVar[tuple[str, ...]] = ()
+    #: True when the projection acts on each entry on its own (`NonNeg`, `Clip`).
+    elementwise: ClassVar[bool] = False
     #: Set by `oc.register` on the class it decorates ("package>Name").
     _registered_name: ClassVar[str]
 
     def __call__(self, w: jax.Array) -> jax.Array:
-        """Projects `w` (the base class returns it unchanged)."""
+        """Projects `w`."""
         return w
 
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as a JSON-friendly dict."""
-        return {}
+        config = {k: getattr(self, k) for k in self._config_keys}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Self:
         """Rebuilds a constraint from `get_config()`'s output."""
         return cls(**config)
 
-    # -- hooks used by `project` (all optional for subclasses) ---------------
-
     def check_leaf(self, shape: tuple[int, ...], dtype) -> None:
         """Raises `ValueError` (reason only) if a leaf cannot take this constraint."""
-        del shape, dtype
 
     def init_state(self, w: jax.Array) -> PyTree:
         """Per-leaf state kept by `project` across steps; `None` = stateless."""
-        del w
-        return None
 
     def apply(self, w: jax.Array, state: PyTree, step: jax.Array) -> tuple[jax.Array, PyTree]:
         """Projects `w` at optimizer step `step` given its state: `(w', state')`."""
@@ -122,118 +102,41 @@ class Constraint:
     def project_update(
         self, param: jax.Array, update: jax.Array, state: PyTree, step: jax.Array
     ) -> tuple[jax.Array, PyTree]:
-        """The update `u'` with `param + u' == apply(param + update)` up to rounding.
-
-        Computed in float32 for bfloat16/float16 leaves: `apply(param + update)
-        - param`. Subclasses override it where an exact update-space form
-        exists (see `NonNeg`).
-
-        >>> import jax.numpy as jnp
-        >>> import numpy as np
-        >>> import optax_constraints as oc
-        >>> p, u = jnp.array([[3.0], [0.0]]), jnp.array([[0.0], [4.0]])
-        >>> new_u, _ = oc.MaxNorm(1.0).project_update(p, u, None, 0)
-        >>> np.asarray(p + new_u, np.float64).round(4).tolist()
-        [[0.6], [0.8]]
-        """
+        """The update `u'` with `param + u' == apply(param + update)` up to rounding."""
         dtype = compute_dtype(param.dtype)
         param_c = param.astype(dtype)
         target, state = self.apply(param_c + update.astype(dtype), state, step)
         return (target - param_c).astype(update.dtype), state
 
-    #: True when the projection acts on each entry on its own (`NonNeg`, `Clip`):
-    #: the layout does not matter, and inside `jax.shard_map` the local block
-    #: is projected as it is.
-    elementwise: ClassVar[bool] = False
-
     def tangent(self, w: jax.Array, u: jax.Array) -> jax.Array:
-        """The update `u` moved into the tangent space of this constraint's set at `w`.
-
-        `oc.tangent` calls it for every constrained leaf: `w` is the
-        (feasible) parameter, `u` its update, and the result the projection
-        of `u` onto the tangent space of the set at `w` (the tangent cone
-        for sets with an interior: `u` inside, its outward part removed on
-        the boundary), in `u`'s dtype. Not defined by default: the base
-        raises `NotImplementedError`, and `oc.tangent`'s `init` names each
-        leaf whose constraint lacks it.
-
-        >>> import jax.numpy as jnp
-        >>> import optax_constraints as oc
-        >>> oc.UnitNorm().tangent(jnp.array([[1.0], [0.0]]), jnp.array([[2.0], [3.0]]))
-        Array([[0.],
-               [3.]], dtype=float32)
-        """
-        del w, u
+        """The update `u` projected onto the tangent space (or cone) of the set at `w`."""
         raise NotImplementedError(f"{self!r} defines no tangent space (Constraint.tangent)")
 
     def on_leaf_axes(self, axes: tuple[int, ...], ndim: int) -> Constraint | None:
-        """This constraint on a sub-array, written as a constraint on the whole leaf.
-
-        The sub-array ("copy") has `len(axes)` axes; its axis `i` is the
-        `ndim`-d leaf's axis `axes[i]`, and the leaf's other axes index
-        independent copies. Returns a stateless constraint that projects the
-        whole leaf exactly as this one projects every copy on its own, or
-        `None` when there is no such form (the default): `Stacked` then maps
-        the constraint over the copies with `jax.vmap`, `OutputFirst` moves
-        the axes. Norm constraints translate their `axis`; elementwise ones
-        return `self`.
-
-        >>> import optax_constraints as oc
-        >>> oc.MaxNorm(1.0, axis="fan_in").on_leaf_axes((1, 2), 3)  # copies along axis 0
-        MaxNorm(max_value=1.0, axis=[1])
-        >>> oc.CenterAround().on_leaf_axes((1, 2), 3) is None
-        True
-        """
-        del axes, ndim
+        """This constraint on each sub-array over `axes` of an `ndim`-d leaf (the other
+        axes index copies), as one stateless constraint on the leaf, or `None`."""
         return self if self.elementwise else None
 
     def on_shards(self, spec: tuple[tuple[str, ...], ...]) -> Constraint | None:
-        """This constraint on the local block of a leaf inside `jax.shard_map`.
+        """This constraint on the local block of a leaf inside `jax.shard_map`, or `None`.
 
-        `spec` has one entry per axis of the leaf: the mesh axes that split
-        it (`()` for an axis that is not split). Returns a constraint that,
-        given only the local block, computes the block of the global result
-        (norm constraints `psum` their per-unit sums over the mesh axes
-        that split a unit), or `None` (the default) when there is none:
-        `project` then all-gathers the leaf, applies this constraint to the
-        whole array and keeps the local block.
-
-        >>> import optax_constraints as oc
-        >>> oc.MaxNorm(1.0).on_shards((("fsdp",), ())) is not None
-        True
-        >>> oc.SpectralNorm(1.0).on_shards((("fsdp",), ())) is None
-        True
+        `spec` gives, per axis of the leaf, the mesh axes that split it; with
+        `None`, `project` gathers the leaf and keeps its block of the result.
         """
-        del spec
         return self if self.elementwise else None
 
     def describe_leaf(self, shape: tuple[int, ...]) -> str:
-        """How this constraint sees a leaf of `shape`, for `routing_report`.
-
-        Norm constraints answer "units of size" (`"16 units of 64"`), matrix
-        ones the matrix they constrain, elementwise ones `"elementwise"`; the
-        default is the whole leaf as one array.
-
-        >>> import optax_constraints as oc
-        >>> oc.CenterAround().describe_leaf((4, 3))
-        'whole (4, 3)'
-        """
+        """How this constraint sees a leaf of `shape`, for `routing_report`."""
         return "elementwise" if self.elementwise else f"whole {tuple(shape)}"
 
     def violation(self, w: jax.Array) -> jax.Array:
-        """How far `w` is from feasible: `max |w - C(w)|` (0 when feasible).
-
-        Subclasses with a cheaper exact measure override it.
-        """
+        """How far `w` is from feasible: `max |w - C(w)|` (0 when feasible)."""
         w = jnp.asarray(w)
         dtype = compute_dtype(w.dtype)
-        diff = jnp.abs(self(w).astype(dtype) - w.astype(dtype))
-        return jnp.max(diff, initial=0.0)
+        return jnp.max(jnp.abs(self(w).astype(dtype) - w.astype(dtype)), initial=0.0)
 
     def at_step(self, step) -> Self:
-        """This constraint with every schedule evaluated at `step`.
-
-        Returns `self` when no hyper-parameter is a schedule.
+        """This constraint with every schedule evaluated at `step` (`self` if none).
 
         >>> import optax
         >>> import optax_constraints as oc
@@ -246,8 +149,6 @@ class Constraint:
         if not scheduled:
             return self
         return type(self).from_config({**config, **scheduled})
-
-    # -- value semantics -----------------------------------------------------
 
     def _key(self):
         return (type(self), _hashable(self.get_config()))
@@ -266,17 +167,15 @@ class Constraint:
 
 
 class FunctionConstraint(Constraint):
-    """Wraps any callable `w -> w` so it can be routed like a `Constraint`.
-
-    `project` does this for you when a plain function appears in its
-    `constraints` mapping.
+    """Wraps a callable `w -> w` as a `Constraint` (`project` does it for plain functions).
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
-    >>> c = oc.FunctionConstraint(jnp.abs)
-    >>> c(jnp.array([-1.0, 2.0]))
+    >>> oc.FunctionConstraint(jnp.abs)(jnp.array([-1.0, 2.0]))
     Array([1., 2.], dtype=float32)
     """
+
+    _config_keys = ("fn",)
 
     def __init__(self, fn: Callable[[jax.Array], jax.Array]):
         if not callable(fn):
@@ -286,18 +185,12 @@ class FunctionConstraint(Constraint):
     def __call__(self, w):
         return self.fn(w)
 
-    def get_config(self):
-        return {"fn": self.fn}
-
     def __repr__(self):
         return f"FunctionConstraint({getattr(self.fn, '__name__', self.fn)!r})"
 
 
 def check_number(name: str, value, *, low=None, high=None, owner: str = "") -> None:
-    """Validates a Python-number hyper-parameter at construction.
-
-    Arrays, tracers and schedules pass untouched: they are never branched on.
-    """
+    """Validates a Python-number hyper-parameter; arrays, tracers and schedules pass."""
     if is_schedule(value) or (hasattr(value, "dtype") and not is_python_number(value)):
         return
     if not is_python_number(value):
@@ -311,3 +204,11 @@ def check_number(name: str, value, *, low=None, high=None, owner: str = "") -> N
         raise ValueError(f"{owner}: {name} must be >= {low}; got {name}={value!r}.")
     if high is not None and value > high:
         raise ValueError(f"{owner}: {name} must be <= {high}; got {name}={value!r}.")
+
+
+def check_order(owner: str, low, high) -> None:
+    """Raises if Python numbers `low` (min_value) > `high` (max_value)."""
+    if is_python_number(low) and is_python_number(high) and low > high:
+        raise ValueError(
+            f"{owner}: min_value must be <= max_value; got min_value={low!r}, max_value={high!r}."
+        )

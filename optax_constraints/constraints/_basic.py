@@ -1,11 +1,6 @@
-"""Keras's four constraints, plus the box and the Keras guide's `CenterAround`.
+"""Keras's four constraints (same names, configs and float32 numerics), `Clip`, `CenterAround`."""
 
-Names, defaults, `get_config` keys and float32 numerics are Keras 3's; the
-lower-case aliases are the same classes, as in `keras.constraints`.
-"""
-
-# Hyper-parameters are `HyperParam` (value or schedule) in the signatures and
-# values after `at_step`, which the types cannot say:
+# Hyper-parameters are values after `at_step`, which the types cannot say:
 # pyright: reportArgumentType=false
 
 from __future__ import annotations
@@ -20,18 +15,10 @@ from optax_constraints._typing import HyperParam
 from optax_constraints.constraints._base import (
     Constraint,
     _hashable,
+    as_float,
     check_number,
-    is_python_number,
+    check_order,
 )
-
-
-def _float(w):
-    w = jnp.asarray(w)
-    return w.astype(P.compute_dtype(w.dtype))
-
-
-def _config_axis(axis):
-    return list(axis) if isinstance(axis, tuple) else axis
 
 
 class _AxisConstraint(Constraint):
@@ -43,8 +30,7 @@ class _AxisConstraint(Constraint):
         P.resolve_axis(self.axis, len(shape))
 
     def on_leaf_axes(self, axes, ndim):
-        # A unit of a copy is a slice over some of the copy's axes: the same
-        # slice of the leaf, over the leaf axes they are.
+        # A unit of a copy is the same slice of the leaf, over the leaf's axes.
         unit = tuple(sorted(axes[a] for a in P.resolve_axis(self.axis, len(axes))))
         return type(self).from_config({**self.get_config(), "axis": list(unit)})
 
@@ -55,21 +41,13 @@ class _AxisConstraint(Constraint):
         return f"{units} unit{'s' if units != 1 else ''} of {size}"
 
     def _key(self):
-        # `axis=0` and `axis=(0,)` name the same units: equal, same hash (one
-        # compiled step for both). The config keeps the form the user gave.
-        key = dict(self.get_config())
-        if isinstance(self.axis, int):
-            key["axis"] = (self.axis,)
-        return (type(self), _hashable(key))
+        # `axis=0` and `axis=(0,)` name the same units: equal, same hash.
+        axis = (self.axis,) if isinstance(self.axis, int) else self.axis
+        return (type(self), _hashable({**self.get_config(), "axis": axis}))
 
 
 class _NormConstraint(_AxisConstraint):
-    """A constraint that rescales each unit by a function of its norm.
-
-    Inside `jax.shard_map` it projects the local block of a leaf on its own:
-    the per-unit sums of squares are `psum`med over the mesh axes that split
-    a unit (`axis_name` of the projections), the rescaling is local.
-    """
+    """Rescales each unit by a function of its norm (sums `psum`med over `_axis_name`)."""
 
     _axis_name: tuple[str, ...] | None = None
 
@@ -86,15 +64,14 @@ class _NormConstraint(_AxisConstraint):
         return out
 
     def _norms(self, w):
-        return P.unit_norms(_float(w), self.axis, self._axis_name)
+        return P.unit_norms(as_float(w), self.axis, self._axis_name)
 
 
 class MaxNorm(_NormConstraint):
-    """Caps the norm of the weights incident to each unit at `max_value`.
+    """Caps the norm of each unit at `max_value`: Keras's `MaxNorm`.
 
-    Keras's `MaxNorm`: `w * clip(norms, 0, max_value) / (1e-7 + norms)`, the
-    norm taken over `axis` (for a Dense kernel `(in, out)`, `axis=0` means one
-    norm per output unit; `axis="fan_in"` means the same for Dense and Conv).
+    `w * clip(norms, 0, max_value) / (1e-7 + norms)`, the norms taken over
+    `axis` (`axis="fan_in"`: per output unit of a Dense or Conv kernel).
 
     Args:
       max_value: largest norm per unit (>= 0; number, array or schedule).
@@ -105,13 +82,10 @@ class MaxNorm(_NormConstraint):
     >>> import optax_constraints as oc
     >>> np.asarray(oc.MaxNorm(max_value=1.0)(jnp.array([[3.0, 0.5], [4.0, 0.0]])), np.float64).round(4).tolist()
     [[0.6, 0.5], [0.8, 0.0]]
-
-    References:
-      Srivastava et al., Dropout: A Simple Way to Prevent Neural Networks from
-      Overfitting, JMLR 15, 2014.
     """
 
     schedulable = ("max_value",)
+    _config_keys = ("max_value", "axis")
 
     def __init__(self, max_value: HyperParam = 2, axis: P.AxisSpec = 0):
         check_number("max_value", max_value, low=0, owner="MaxNorm")
@@ -122,27 +96,21 @@ class MaxNorm(_NormConstraint):
         c = self.at_step(0)
         return P.max_norm(w, c.max_value, c.axis, self._axis_name)
 
-    def get_config(self):
-        return {"max_value": self.max_value, "axis": _config_axis(self.axis)}
-
     def violation(self, w):
         """The largest amount by which a unit's norm exceeds `max_value`."""
         c = self.at_step(0)
-        excess = c._norms(w) - c.max_value
-        return jnp.max(jnp.maximum(excess, 0), initial=0.0)
+        return jnp.max(jnp.maximum(c._norms(w) - c.max_value, 0), initial=0.0)
 
     def tangent(self, w, u):
-        """The tangent cone of the ball: on the boundary, the outward radial part removed."""
+        """The ball's tangent cone: on the boundary, the outward radial part removed."""
         c = self.at_step(0)
         return P.ball_tangent(w, u, c.max_value, c.axis, axis_name=self._axis_name)
 
 
 class MinMaxNorm(_NormConstraint):
-    """Keeps the norm of each unit in `[min_value, max_value]`.
+    """Keeps the norm of each unit in `[min_value, max_value]`: Keras's `MinMaxNorm`.
 
-    Keras's `MinMaxNorm`: the norm moves to
-    `rate * clip(norm, min_value, max_value) + (1 - rate) * norm`; `rate=1`
-    enforces the interval at once, smaller rates approach it gradually.
+    The norm moves to `rate * clip(norm, min_value, max_value) + (1 - rate) * norm`.
 
     Args:
       min_value: smallest norm per unit (>= 0).
@@ -159,6 +127,7 @@ class MinMaxNorm(_NormConstraint):
     """
 
     schedulable = ("min_value", "max_value", "rate")
+    _config_keys = ("min_value", "max_value", "rate", "axis")
 
     def __init__(
         self,
@@ -170,11 +139,7 @@ class MinMaxNorm(_NormConstraint):
         check_number("min_value", min_value, low=0, owner="MinMaxNorm")
         check_number("max_value", max_value, low=0, owner="MinMaxNorm")
         check_number("rate", rate, low=0, high=1, owner="MinMaxNorm")
-        if is_python_number(min_value) and is_python_number(max_value) and min_value > max_value:
-            raise ValueError(
-                f"MinMaxNorm: min_value must be <= max_value; got min_value={min_value!r},"
-                f" max_value={max_value!r}."
-            )
+        check_order("MinMaxNorm", min_value, max_value)
         self.min_value = min_value
         self.max_value = max_value
         self.rate = rate
@@ -184,14 +149,6 @@ class MinMaxNorm(_NormConstraint):
         c = self.at_step(0)
         return P.min_max_norm(w, c.min_value, c.max_value, c.rate, c.axis, self._axis_name)
 
-    def get_config(self):
-        return {
-            "min_value": self.min_value,
-            "max_value": self.max_value,
-            "rate": self.rate,
-            "axis": _config_axis(self.axis),
-        }
-
     def violation(self, w):
         """The largest distance of a unit's norm from `[min_value, max_value]`."""
         c = self.at_step(0)
@@ -200,11 +157,7 @@ class MinMaxNorm(_NormConstraint):
         return jnp.max(jnp.maximum(gap, 0), initial=0.0)
 
     def tangent(self, w, u):
-        """The tangent cone of the shell `min_value <= ‖w‖ <= max_value`.
-
-        On the outer sphere the outward radial part is removed, on the inner
-        one (`min_value > 0`) the inward one; inside, `u` is unchanged.
-        """
+        """The shell's tangent cone: the outward (outer sphere) or inward part removed."""
         c = self.at_step(0)
         return P.ball_tangent(
             w, u, c.max_value, c.axis, min_value=c.min_value, axis_name=self._axis_name
@@ -212,9 +165,7 @@ class MinMaxNorm(_NormConstraint):
 
 
 class UnitNorm(_NormConstraint):
-    """Scales the weights incident to each unit to unit norm.
-
-    Keras's `UnitNorm`: `w / (1e-7 + norms)`. All-zero units stay zero.
+    """Scales each unit to unit norm: Keras's `UnitNorm`, `w / (1e-7 + norms)`.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -223,14 +174,13 @@ class UnitNorm(_NormConstraint):
            [0.8, 0. ]], dtype=float32)
     """
 
+    _config_keys = ("axis",)
+
     def __init__(self, axis: P.AxisSpec = 0):
         self.axis = P.canonical_axis(axis)
 
     def __call__(self, w):
         return P.unit_norm(w, self.axis, self._axis_name)
-
-    def get_config(self):
-        return {"axis": _config_axis(self.axis)}
 
     def tangent(self, w, u):
         """Per unit, `u - <u, w> w / ‖w‖²` (a zero unit's update unchanged)."""
@@ -238,10 +188,9 @@ class UnitNorm(_NormConstraint):
 
 
 class NonNeg(Constraint):
-    """Constrains the weights to be non-negative: `maximum(w, 0)`.
+    """Constrains the weights to be non-negative: `maximum(w, 0)`, Keras's `NonNeg`.
 
-    In `project`, the update is written as `where(p + u <= 0, -p, u)`, so after
-    `optax.apply_updates` no element is below zero, exactly, in every dtype.
+    After `project`'s update and `optax.apply_updates` no element is below zero.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -249,20 +198,18 @@ class NonNeg(Constraint):
     Array([0. , 0.5], dtype=float32)
     """
 
+    elementwise = True
+
     def __call__(self, w):
         return P.non_neg(w)
 
     def project_update(self, param, update, state, step):
-        del step
         # p + (-p) is exactly +0.0 in IEEE arithmetic; p + u > 0 stays > 0 when
         # optax.apply_updates casts it to the param dtype.
         return jnp.where(param + update <= 0, -param, update), state
 
-    elementwise = True
-
     def violation(self, w):
-        w = _float(w)
-        return jnp.maximum(-jnp.min(w, initial=0), 0)
+        return jnp.maximum(-jnp.min(as_float(w), initial=0), 0)
 
     def tangent(self, w, u):
         """Where `w <= 0`, a negative update component is dropped."""
@@ -270,9 +217,7 @@ class NonNeg(Constraint):
 
 
 class Clip(Constraint):
-    """Elementwise box: every weight in `[min_value, max_value]`.
-
-    Either bound may be `None` (unbounded on that side).
+    """Elementwise box: every weight in `[min_value, max_value]` (`None`: unbounded).
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
@@ -281,28 +226,20 @@ class Clip(Constraint):
     """
 
     schedulable = ("min_value", "max_value")
+    _config_keys = ("min_value", "max_value")
+    elementwise = True
 
     def __init__(self, min_value: HyperParam | None = None, max_value: HyperParam | None = None):
-        if min_value is not None:
-            check_number("min_value", min_value, owner="Clip")
-        if max_value is not None:
-            check_number("max_value", max_value, owner="Clip")
-        if is_python_number(min_value) and is_python_number(max_value) and min_value > max_value:
-            raise ValueError(
-                f"Clip: min_value must be <= max_value; got min_value={min_value!r},"
-                f" max_value={max_value!r}."
-            )
+        for name, value in (("min_value", min_value), ("max_value", max_value)):
+            if value is not None:
+                check_number(name, value, owner="Clip")
+        check_order("Clip", min_value, max_value)
         self.min_value = min_value
         self.max_value = max_value
 
     def __call__(self, w):
         c = self.at_step(0)
         return P.clip(w, c.min_value, c.max_value)
-
-    elementwise = True
-
-    def get_config(self):
-        return {"min_value": self.min_value, "max_value": self.max_value}
 
     def tangent(self, w, u):
         """At a bound, the update component pointing out of the box is dropped."""
@@ -320,17 +257,14 @@ class CenterAround(Constraint):
     """
 
     schedulable = ("ref_value",)
+    _config_keys = ("ref_value",)
 
     def __init__(self, ref_value: HyperParam = 0.0):
         check_number("ref_value", ref_value, owner="CenterAround")
         self.ref_value = ref_value
 
     def __call__(self, w):
-        c = self.at_step(0)
-        return P.center_around(w, c.ref_value)
-
-    def get_config(self):
-        return {"ref_value": self.ref_value}
+        return P.center_around(w, self.at_step(0).ref_value)
 
     def tangent(self, w, u):
         """The sum-zero plane: `u - mean(u)` over the whole leaf."""
@@ -341,16 +275,3 @@ max_norm = MaxNorm
 min_max_norm = MinMaxNorm
 non_neg = NonNeg
 unit_norm = UnitNorm
-
-__all__ = [
-    "CenterAround",
-    "Clip",
-    "MaxNorm",
-    "MinMaxNorm",
-    "NonNeg",
-    "UnitNorm",
-    "max_norm",
-    "min_max_norm",
-    "non_neg",
-    "unit_norm",
-]

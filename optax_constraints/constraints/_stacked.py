@@ -1,26 +1,4 @@
-"""Layout wrappers: `Stacked` (one constraint per copy) and `OutputFirst`.
-
-A constraint reads its `axis` (and `SpectralNorm`/`Orthogonal` their
-`(fan_in, out)` matrix view) off the leaf it is given. Two common layouts
-break that reading:
-
-* **stacked leaves**: `nn.scan`, `nnx.scan`/`nnx.vmap` and vmapped ensembles
-  stack the parameters of many copies of a layer into one leaf,
-  `(layers, *layer's shape)`. `Stacked(c, stack_axis=0)` applies `c` to
-  every copy on its own;
-* **output-first weights**: Equinox's `Linear.weight` is `(out, in)` and its
-  `Conv.weight` `(out, in, *kernel)`, like PyTorch's. `OutputFirst(c)` shows
-  `c` the leaf with axis 0 moved last, the Flax/Keras `(*fan_in, out)`
-  layout, so `axis="fan_in"` and the matrix view mean "per output unit".
-
-They compose: `Stacked(OutputFirst(c))` for a vmapped Equinox layer.
-
-Both ask the wrapped constraint for `on_leaf_axes`: norm constraints
-translate their `axis` to the leaf's axes and elementwise ones are used as
-they are, so the leaf is projected in place (no `vmap`, no transpose).
-Every other constraint (matrix, stateful, custom) is mapped over the copies
-with `jax.vmap`, or given the moved axes.
-"""
+"""Layout wrappers: `Stacked` (one constraint per copy) and `OutputFirst` (`(out, *fan_in)`)."""
 
 from __future__ import annotations
 
@@ -36,76 +14,79 @@ from optax_constraints.constraints._registry import as_constraint, serialize
 from optax_constraints.projections._axis import canonical_axis, in_range
 from optax_constraints.projections._sharding import explicit_mesh_axes, padded_spec
 
-STACK_AXIS_HELP = (
-    "stack_axis must be an int or a non-empty tuple/list of distinct ints (negative"
-    " ints count from the end), naming the leaf's axes that index the copies"
-)
-
-
-def _wrapped(owner: str, constraint) -> Constraint:
-    """A `Constraint` from anything `oc.get` accepts; plain callables are wrapped."""
-    obj = as_constraint(constraint)
-    if obj is None:
-        raise TypeError(
-            f"{owner} needs the constraint to apply, e.g. {owner}(oc.MaxNorm(2.0,"
-            " axis='fan_in')); got None."
-        )
-    return obj
-
-
-def _canonical_stack_axis(stack_axis) -> int | tuple[int, ...]:
-    try:
-        axis = canonical_axis(stack_axis)
-    except ValueError:
-        axis = None
-    if axis is None or isinstance(axis, str) or axis == ():
-        raise ValueError(f"Stacked: {STACK_AXIS_HELP}; got stack_axis={stack_axis!r}.")
-    return axis
-
 
 class _View(Constraint):
-    """A constraint applied to each leaf through a view of it (`Stacked`, `OutputFirst`).
-
-    A subclass says how to see the whole leaf as `constraint`'s
-    (`_on_whole_leaf`: the equivalent constraint on the leaf's own axes,
-    or None) and how to run one of `constraint`'s methods through the view
-    (`_through`); the methods of `Constraint` are written once here.
-    """
+    """A constraint applied to each leaf through a view of it (`Stacked`, `OutputFirst`)."""
 
     constraint: Constraint
 
+    def __init__(self, constraint):
+        obj = as_constraint(constraint)
+        if obj is None:
+            owner = type(self).__name__
+            raise TypeError(
+                f"{owner} needs the constraint to apply, e.g. {owner}(oc.MaxNorm(2.0,"
+                " axis='fan_in')); got None."
+            )
+        self.constraint = obj
+
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
+        """The same constraint written on the leaf's own axes, or `None`."""
         raise NotImplementedError
 
-    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
-        """`fn` run through the view: "leaf" arguments and results are views of
-        the leaf, "copy" ones (states, violations) belong to the view."""
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
+        """`fn` (returning a tuple) through the view: "leaf" arguments and results
+        are views of the leaf, "copy" ones (states, violations) the view's own."""
         raise NotImplementedError
 
-    def _worst(self, violation):
-        return violation
+    def _check_view(self, shape, dtype, where: str):
+        """`constraint.check_leaf` on the view's `shape`, its reason prefixed by `where`."""
+        try:
+            self.constraint.check_leaf(shape, dtype)
+        except ValueError as err:
+            raise ValueError(
+                f"{where} {shape}, and {self.constraint!r} rejects it: {str(err).rstrip('.')}"
+            ) from None
+
+    def _run(self, name, args, in_kinds, out_kinds, *extra):
+        """`constraint.<name>(*args, *extra)`, on the whole leaf if it can be (no state)."""
+        args = tuple(jnp.asarray(a) if k == "leaf" else a for a, k in zip(args, in_kinds))
+        ndim = args[0].ndim
+        whole = self._on_whole_leaf(ndim)
+        if whole is not None and all(a is None for a, k in zip(args, in_kinds) if k == "copy"):
+            return getattr(whole, name)(*args, *extra)
+
+        def one(*args):
+            out = getattr(self.constraint, name)(*args, *extra)
+            return (out,) if len(out_kinds) == 1 else out
+
+        out = self._through(one, ndim, in_kinds, out_kinds)(*args)
+        return out[0] if len(out_kinds) == 1 else out
 
     def __call__(self, w):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole(w)
-        return self._through(self.constraint, w.ndim, ("leaf",), "leaf")(w)
+        return self._run("__call__", (w,), ("leaf",), ("leaf",))
 
     def init_state(self, w):
+        def one(w):
+            return (self.constraint.init_state(w),)
+
         w = jnp.asarray(w)
-        return self._through(self.constraint.init_state, w.ndim, ("leaf",), "copy")(w)
+        return self._through(one, w.ndim, ("leaf",), ("copy",))(w)[0]
 
     def apply(self, w, state, step):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None and state is None:
-            return whole.apply(w, None, step)
+        return self._run("apply", (w, state), ("leaf", "copy"), ("leaf", "copy"), step)
 
-        def apply_one(w, state):
-            return self.constraint.apply(w, state, step)
+    def project_update(self, param, update, state, step):
+        if not self.elementwise:
+            return super().project_update(param, update, state, step)
+        kinds = ("leaf", "leaf", "copy")
+        return self._run("project_update", (param, update, state), kinds, ("leaf", "copy"), step)
 
-        return self._through(apply_one, w.ndim, ("leaf", "copy"), ("leaf", "copy"))(w, state)
+    def tangent(self, w, u):
+        return self._run("tangent", (w, u), ("leaf", "leaf"), ("leaf",))
+
+    def violation(self, w):
+        return jnp.max(self._run("violation", (w,), ("leaf",), ("copy",)), initial=0.0)
 
     @property
     def elementwise(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
@@ -115,70 +96,20 @@ class _View(Constraint):
         whole = self._on_whole_leaf(len(spec))
         return None if whole is None else whole.on_shards(spec)
 
-    def project_update(self, param, update, state, step):
-        if not self.elementwise:
-            return super().project_update(param, update, state, step)
-        whole = self._on_whole_leaf(param.ndim)
-        if whole is not None and state is None:
-            return whole.project_update(param, update, None, step)
-
-        def one(param, update, state):
-            return self.constraint.project_update(param, update, state, step)
-
-        kinds = ("leaf", "leaf", "copy")
-        return self._through(one, param.ndim, kinds, ("leaf", "copy"))(param, update, state)
-
-    def tangent(self, w, u):
-        w, u = jnp.asarray(w), jnp.asarray(u)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole.tangent(w, u)
-        return self._through(self.constraint.tangent, w.ndim, ("leaf", "leaf"), "leaf")(w, u)
-
-    def violation(self, w):
-        w = jnp.asarray(w)
-        whole = self._on_whole_leaf(w.ndim)
-        if whole is not None:
-            return whole.violation(w)
-        return self._worst(self._through(self.constraint.violation, w.ndim, ("leaf",), "copy")(w))
-
 
 class Stacked(_View):
     """Applies a constraint to every copy of a stacked leaf on its own.
 
-    `stack_axis` (an int or a tuple of ints, like `jax.vmap`'s `in_axes`)
-    names the leaf's axes that index independent copies: the layers of an
-    `nn.scan`/`nnx.scan`/`nnx.vmap` stack, the members of a vmapped ensemble.
-    `constraint` sees one copy, the leaf without those axes, so its `axis`
-    (`"fan_in"` too) and the `(fan_in, out)` matrix view of
-    `SpectralNorm`/`Orthogonal` refer to the copy's axes.
-
-    Without `Stacked`, a `(layers, in, out)` kernel is ONE array to a
-    constraint: `MaxNorm(axis="fan_in")` would take one norm per output unit
-    over all layers and inputs together, `Orthogonal()` would orthogonalise
-    the `(layers * in, out)` matrix. `oc.routing_report` shows which you got.
-
-    * Norm and elementwise constraints are applied to the whole leaf with
-      their axes translated (`Constraint.on_leaf_axes`), so they cost what
-      the same copies cost as separate leaves; every other constraint is
-      mapped over the copies with `jax.vmap` (nested for several axes).
-    * A stateful `constraint` (`SpectralNorm("power")`) keeps one state per
-      copy: its state stacked along leading axes, one per stack axis (in
-      the leaf's axis order), in `project`'s state like any other.
-    * Inside `project` the wrapped constraint keeps its update form: a
-      `Stacked(NonNeg())` leaf is exactly non-negative after
-      `optax.apply_updates`, and schedules are evaluated at the step.
-    * `init` rejects a leaf without the stack axes, or whose copies the
-      wrapped constraint rejects, naming the leaf.
-    * On a stack sharded by layer (`Explicit` or `Auto` mesh axes), each
-      copy is projected on the devices that hold it, loops and all, and
-      the outputs keep the leaf's sharding (docs/multihost.md).
+    The copies are the layers of an `nn.scan`/`nnx.vmap` stack or the members
+    of a vmapped ensemble. `constraint` sees one copy: its `axis` and matrix
+    view refer to the copy's axes, and a stateful one keeps one state per
+    copy (stacked along leading axes, in the leaf's axis order).
 
     Args:
       constraint: the constraint for one copy: any `oc.Constraint` (custom
         ones too), anything `oc.get` accepts, or a callable `w -> w`.
       stack_axis: the leaf's copy axes: an int or a tuple/list of ints,
-        negative ints counting from the end.
+        negative ints counting from the end (like `jax.vmap`'s `in_axes`).
 
     >>> import jax.numpy as jnp
     >>> import numpy as np
@@ -187,25 +118,24 @@ class Stacked(_View):
     >>> kernels = jnp.stack([3.0 * jnp.ones((4, 2)), 0.1 * jnp.ones((4, 2))])  # 2 layers
     >>> np.asarray(jnp.linalg.norm(c(kernels), axis=1), np.float64).round(4).tolist()
     [[1.0, 1.0], [0.2, 0.2]]
-    >>> c.describe_leaf((2, 4, 2))
-    '2 x 2 units of 4'
-    >>> oc.deserialize(oc.serialize(c)) == c
-    True
     """
 
     def __init__(self, constraint, stack_axis: int | Sequence[int] = 0):
-        self.constraint = _wrapped("Stacked", constraint)
-        self.stack_axis = _canonical_stack_axis(stack_axis)
-
-    # -- layout --------------------------------------------------------------
+        super().__init__(constraint)
+        try:
+            axis = canonical_axis(stack_axis)
+        except ValueError:
+            axis = None
+        if axis is None or isinstance(axis, str) or axis == ():
+            raise ValueError(
+                "Stacked: stack_axis must be an int or a non-empty tuple/list of distinct"
+                " ints (negative ints count from the end), naming the leaf's axes that"
+                f" index the copies; got stack_axis={stack_axis!r}."
+            )
+        self.stack_axis = axis
 
     def stack_axes(self, ndim: int) -> tuple[int, ...]:
-        """The stack axes of an `ndim`-d leaf, non-negative and sorted.
-
-        >>> import optax_constraints as oc
-        >>> oc.Stacked(oc.NonNeg(), stack_axis=(-1, 0)).stack_axes(3)
-        (0, 2)
-        """
+        """The stack axes of an `ndim`-d leaf, non-negative and sorted."""
         return in_range(self.stack_axis, ndim, "stack_axis")
 
     def _copy_axes(self, ndim: int) -> tuple[int, ...]:
@@ -215,24 +145,17 @@ class Stacked(_View):
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         return self.constraint.on_leaf_axes(self._copy_axes(ndim), ndim)
 
-    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
-        """`fn` mapped over the copies: "leaf" arguments carry the stack axes
-        where the leaf has them, "copy" ones (states) along leading axes."""
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
+        """`fn` mapped over the copies ("copy" arguments and results along leading axes)."""
         stacked = self.stack_axes(ndim)
         # The outermost map takes the first stack axis of the whole leaf; the
         # i-th map sees i fewer axes, all of them before its own.
         for i in reversed(range(len(stacked))):
             at = stacked[i] - i
-
-            def spec(kinds, at=at):
-                if isinstance(kinds, str):
-                    return at if kinds == "leaf" else 0
-                return tuple(at if k == "leaf" else 0 for k in kinds)
-
-            fn = jax.vmap(fn, in_axes=spec(in_kinds), out_axes=spec(out_kinds))
+            in_axes = tuple(at if k == "leaf" else 0 for k in in_kinds)
+            out_axes = tuple(at if k == "leaf" else 0 for k in out_kinds)
+            fn = jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
         return _off_explicit_stack_axes(fn, stacked, in_kinds, out_kinds)
-
-    # -- Constraint ----------------------------------------------------------
 
     def check_leaf(self, shape, dtype):
         try:
@@ -244,16 +167,7 @@ class Stacked(_View):
                 " label, or give stack_axis the axis that indexes the layers"
             ) from None
         copy = tuple(n for a, n in enumerate(shape) if a not in stacked)
-        try:
-            self.constraint.check_leaf(copy, dtype)
-        except ValueError as err:
-            raise ValueError(
-                f"each copy along stack_axis={self.stack_axis!r} has shape {copy}, and"
-                f" {self.constraint!r} rejects it: {str(err).rstrip('.')}"
-            ) from None
-
-    def _worst(self, violation):
-        return jnp.max(violation, initial=0.0)  # over the copies
+        self._check_view(copy, dtype, f"each copy along stack_axis={self.stack_axis!r} has shape")
 
     def on_shards(self, spec):
         local = super().on_shards(spec)
@@ -281,8 +195,6 @@ class Stacked(_View):
         copies = " x ".join(str(shape[a]) for a in stacked)
         return f"{copies} x {self.constraint.describe_leaf(tuple(shape[a] for a in copy_axes))}"
 
-    # -- config and value semantics -------------------------------------------
-
     def get_config(self):
         axis = list(self.stack_axis) if isinstance(self.stack_axis, tuple) else self.stack_axis
         return {"constraint": serialize(self.constraint), "stack_axis": axis}
@@ -296,26 +208,7 @@ class Stacked(_View):
 
 
 def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
-    """`mapped` run with the `Explicit` mesh axes that shard the leaf made `Auto`.
-
-    `jax.vmap` over an axis sharded on an `Explicit` mesh axis puts that
-    axis in the type of everything it batches. Its rule for a loop
-    (`while_loop`, `fori_loop`, `scan`) does that to a carry that starts
-    unbatched and is batched by the body, and such a carry, made from a
-    constant (an iteration count, a flag, a start vector), has a type
-    without a mesh: JAX 0.10 then fails to trace ("Resource axis: layers
-    ... not found in mesh: ()"). SpectralNorm's power method,
-    Newton-Schulz with `stop_early` and the simplex threshold all loop
-    like that, and so may any custom constraint. A batched `lax.cond`
-    (Newton-Schulz's early stop) becomes a `select` whose predicate JAX
-    0.10 broadcasts unsharded, which fails against a carry sharded over a
-    copy's own axes ("select `which` must be scalar or have the same
-    sharding as cases"). With those mesh axes `Auto` inside
-    (`jax.sharding.auto_axes`), the stack is typed unsharded, the compiler
-    keeps each copy on the devices that hold it (as on an `Auto` mesh), and
-    the outputs get their shardings back: the leaf's for leaf outputs, the
-    stack axes' for per-copy ones (states).
-    """
+    """`mapped` with the leaf's `Explicit` mesh axes made `Auto` (vmapped loops need it)."""
 
     def run(*args) -> Any:
         leaf = args[in_kinds.index("leaf")]
@@ -326,21 +219,10 @@ def _off_explicit_stack_axes(mapped, stacked, in_kinds, out_kinds):
         spec = padded_spec(sharding, leaf.ndim)
         per_copy = NamedSharding(sharding.mesh, PartitionSpec(*(spec[a] for a in stacked)))
 
-        def out(kind):
-            return sharding if kind == "leaf" else per_copy
-
-        outs = out(out_kinds) if isinstance(out_kinds, str) else tuple(map(out, out_kinds))
+        outs = tuple(sharding if k == "leaf" else per_copy for k in out_kinds)
         return jax.sharding.auto_axes(mapped, axes=axes, out_sharding=outs)(*args)
 
     return run
-
-
-def _output_last(w):
-    return jnp.moveaxis(w, 0, -1)
-
-
-def _output_first(w):
-    return jnp.moveaxis(w, -1, 0)
 
 
 def _moved_shape(shape):
@@ -349,23 +231,11 @@ def _moved_shape(shape):
 
 
 class OutputFirst(_View):
-    """For weights whose output axis comes first: `(out, *fan_in)`.
+    """For weights whose output axis comes first: `(out, *fan_in)` (Equinox, PyTorch).
 
-    Equinox's `nn.Linear.weight` is `(out, in)` and its `nn.Conv` weights
-    `(out, in/groups, *kernel)`, as in PyTorch (and in weights converted
-    from it). Flax and Keras put the output axis last, `(*fan_in, out)`,
-    and that is what `axis="fan_in"` and the `(fan_in, out)` matrix view of
-    `SpectralNorm`/`Orthogonal` assume. `OutputFirst(c)` shows `c` the leaf
-    with axis 0 moved last, so `OutputFirst(MaxNorm(2.0, axis="fan_in"))` caps
-    each output unit's norm on an Equinox weight, as `MaxNorm(2.0,
-    axis="fan_in")` does on a Flax kernel; integer axes of `c` count in that
-    moved layout too.
-
-    Norm and elementwise constraints are applied to the leaf in place, their
-    axes translated (no transpose); matrix, stateful and custom constraints
-    get the moved array (`jnp.moveaxis`), and their results are moved back.
-    For a vmapped Equinox layer, `(layers, out, in)`, use
-    `Stacked(OutputFirst(c))`.
+    `OutputFirst(c)` shows `c` the leaf with axis 0 moved last, the Flax/Keras
+    `(*fan_in, out)` layout, so `axis="fan_in"`, integer axes and the matrix
+    view mean "per output unit". For vmapped layers, `Stacked(OutputFirst(c))`.
 
     Args:
       constraint: the constraint for the `(*fan_in, out)` view: any
@@ -378,26 +248,20 @@ class OutputFirst(_View):
     >>> c = oc.OutputFirst(oc.MaxNorm(1.0, axis="fan_in"))
     >>> np.asarray(jnp.linalg.norm(c(weight), axis=1), np.float64).round(4).tolist()  # per output
     [1.0, 0.5]
-    >>> c.describe_leaf((8, 3, 5, 5))  # eqx.nn.Conv2d(3, 8, 5).weight
-    '8 units of 75'
     """
-
-    def __init__(self, constraint):
-        self.constraint = _wrapped("OutputFirst", constraint)
 
     def _on_whole_leaf(self, ndim: int) -> Constraint | None:
         return self.on_leaf_axes(tuple(range(ndim)), ndim)
 
-    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds):
-        """`fn` on the moved arrays: "leaf" arguments get their output axis
-        moved last, "leaf" results get it moved back first."""
+    def _through(self, fn, ndim: int, in_kinds: tuple[str, ...], out_kinds: tuple[str, ...]):
+        """`fn` on the leaf with its output axis moved last; "leaf" results moved back."""
 
         def run(*args):
-            moved = (_output_last(a) if k == "leaf" else a for a, k in zip(args, in_kinds))
+            moved = (jnp.moveaxis(a, 0, -1) if k == "leaf" else a for a, k in zip(args, in_kinds))
             out = fn(*moved)
-            if isinstance(out_kinds, str):
-                return _output_first(out) if out_kinds == "leaf" else out
-            return tuple(_output_first(o) if k == "leaf" else o for o, k in zip(out, out_kinds))
+            return tuple(
+                jnp.moveaxis(o, -1, 0) if k == "leaf" else o for o, k in zip(out, out_kinds)
+            )
 
         return run
 
@@ -407,14 +271,9 @@ class OutputFirst(_View):
                 "OutputFirst needs a leaf with an output axis (axis 0); this one is a"
                 " scalar. Route scalars to another label"
             )
-        try:
-            self.constraint.check_leaf(_moved_shape(shape), dtype)
-        except ValueError as err:
-            raise ValueError(
-                f"with its output axis moved last the leaf has shape"
-                f" {_moved_shape(shape)}, and {self.constraint!r} rejects it:"
-                f" {str(err).rstrip('.')}"
-            ) from None
+        self._check_view(
+            _moved_shape(shape), dtype, "with its output axis moved last the leaf has shape"
+        )
 
     def at_step(self, step):
         inner = self.constraint.at_step(step)
