@@ -1,8 +1,4 @@
-"""Labels + constraints -> one checked list of which leaf is projected by what.
-
-`project`, `tangent`, `apply_constraints`, `constraint_violations` and
-`routing_report` all route through `route`, so they agree and fail alike.
-"""
+"""Labels + constraints -> the checked list of which leaf is projected by what."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""`param_specs`: constraints on the local blocks that `jax.shard_map` hands out.
-
-Inside `shard_map` a leaf is the local block of the global parameter, and a
-norm over a split axis would be a partial norm. `param_specs` says which mesh
-axes split which axes of each leaf; each constraint then runs in the form its
-`on_shards(spec)` gives (norms `psum` their per-unit sums) or, without one, on
-the assembled leaf (`Gathered`).
-"""
+"""`param_specs`: constraints on the local blocks of `jax.shard_map` (docs/multihost.md)."""
 
 from __future__ import annotations
 
@@ -50,9 +43,8 @@ def leaf_specs(params, param_specs, routes: list[Route]) -> dict[int, Spec]:
 def on_leaf(r: Route, spec: Spec | None) -> tuple[C.Constraint, tuple[str, ...]]:
     """The constraint to run on `r`'s leaf as this trace sees it, and the mesh axes splitting it.
 
-    Outside `shard_map` a spec changes nothing (`init` runs on the global
-    params). Without a spec, a leaf that varies over manual mesh axes is a
-    local block, which only an elementwise constraint may project alone.
+    Outside `shard_map` a spec changes nothing. Inside, without a spec, only an
+    elementwise constraint may project a local block on its own.
     """
     c = r.constraint
     assert c is not None

@@ -21,12 +21,8 @@ NO_PARAMS_MSG = (
 
 
 class ProjectState(NamedTuple):
-    """State of `project`.
-
-    Attributes:
-      count: number of `update` calls so far (int32); schedules read it.
-      constraint_states: per-leaf state of stateful constraints, keyed by the
-        leaf's "/"-joined path (empty when every constraint is stateless).
+    """State of `project`: `count`, the number of `update` calls (schedules read
+    it), and `constraint_states`, the stateful constraints' states by leaf path.
 
     >>> import jax.numpy as jnp
     >>> import optax_constraints as oc
