@@ -3,7 +3,7 @@
     python benchmarks/run.py --only fit_runtime [--quick]
 
 Per model (`_fit.py`: a convnet on 28x28x1, batch 128, and the transformer
-LM of `_models.py`, 4 blocks, `--quick` 2), four variants, interleaved:
+LM of `_models.py`, 4 blocks, `--quick` 1), four variants, interleaved:
 plain Adam and Adam + `project` (our step, compiled, donated), and Keras 3's
 `fit()` of the same architecture without and with the same constraints as
 layer arguments. A round is `steps` steps of one variant after one untimed
@@ -24,7 +24,7 @@ from benchmarks import _timing as T
 
 
 def run(args) -> dict:
-    n_blocks = 2 if args.quick else 4
+    n_blocks = 1 if args.quick else 4
     models = {
         "cnn": (F.flax_cnn, F.keras_cnn, F.cnn_data, F.CNN_BATCH),
         f"lm{n_blocks}": (
@@ -34,8 +34,8 @@ def run(args) -> dict:
             M.BATCH,
         ),
     }
-    steps = {"cnn": 8 if args.quick else 12, f"lm{n_blocks}": 4 if args.quick else 8}
-    reps = args.reps or (4 if args.quick else 10)
+    steps = {"cnn": 4 if args.quick else 12, f"lm{n_blocks}": 2 if args.quick else 8}
+    reps = args.reps or (2 if args.quick else 10)
     out = {"reps": reps, "models": {}}
     for model, (make_flax, make_keras, data, batch) in models.items():
         out["models"][model] = measure(make_flax, make_keras, data, batch, steps[model], reps)
