@@ -54,7 +54,12 @@ def register(package: str = "Custom", name: str | None = None) -> Callable[[_C],
 
 
 def valid_names() -> list[str]:
-    """Every name `get` accepts, built-in and registered."""
+    """Every name `get` accepts, built-in and registered.
+
+    >>> from optax_constraints.constraints import valid_names
+    >>> "max_norm" in valid_names() and "MaxNorm" in valid_names()
+    True
+    """
     return sorted(_BUILTINS) + sorted(_CUSTOM)
 
 
