@@ -186,16 +186,22 @@ def kernel_count(compiled) -> int:
     return sum(i["opcode"] not in _FREE for i in computations[entry])
 
 
-def memory(compiled, param_bytes: int) -> dict[str, float]:
-    """`memory_analysis` figures (MB) and the traffic in passes over the parameters."""
-    mb = 2**20
+def peak_bytes(compiled) -> int:
+    """Peak memory of a compiled program: arguments + outputs - aliased + temporaries."""
     m = compiled.memory_analysis()
-    peak = (
+    return (
         m.argument_size_in_bytes
         + m.output_size_in_bytes
         - m.alias_size_in_bytes
         + m.temp_size_in_bytes
     )
+
+
+def memory(compiled, param_bytes: int) -> dict[str, float]:
+    """`memory_analysis` figures (MB) and the traffic in passes over the parameters."""
+    mb = 2**20
+    m = compiled.memory_analysis()
+    peak = peak_bytes(compiled)
     return {
         "temp_mb": m.temp_size_in_bytes / mb,
         "argument_mb": m.argument_size_in_bytes / mb,
